@@ -1,0 +1,1 @@
+"""Data: the built-in dataset, source adapters, the manifest contract, splits and the image cache."""

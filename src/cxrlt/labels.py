@@ -1,0 +1,93 @@
+"""Label spaces of the CXR-LT tasks and the training frequencies they are defined by.
+
+One place for class names and orders: every other module asks here, and selects label
+columns *by name* (the task-2 development CSV orders Normal and Nodule differently).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+TASK1_CLASSES: tuple[str, ...] = (
+    "Adenopathy", "Atelectasis", "Azygos Lobe", "Calcification of the Aorta", "Cardiomegaly",
+    "Clavicle Fracture", "Consolidation", "Edema", "Emphysema", "Enlarged Cardiomediastinum",
+    "Fibrosis", "Fissure", "Fracture", "Granuloma", "Hernia", "Hydropneumothorax", "Infarction",
+    "Infiltration", "Kyphosis", "Lobar Atelectasis", "Lung Lesion", "Lung Opacity", "Mass",
+    "Nodule", "Normal", "Pleural Effusion", "Pleural Other", "Pleural Thickening",
+    "Pneumomediastinum", "Pneumonia", "Pneumoperitoneum", "Pneumothorax", "Pulmonary Embolism",
+    "Pulmonary Hypertension", "Rib Fracture", "Round(ed) Atelectasis", "Subcutaneous Emphysema",
+    "Support Devices", "Tortuous Aorta", "Tuberculosis",
+)  # fmt: skip
+
+_NOT_IN_TASK2 = {
+    "Adenopathy", "Azygos Lobe", "Clavicle Fracture", "Fissure", "Granuloma", "Hydropneumothorax",
+    "Infarction", "Kyphosis", "Lobar Atelectasis", "Pulmonary Embolism", "Pulmonary Hypertension",
+    "Rib Fracture", "Round(ed) Atelectasis", "Tuberculosis",
+}  # fmt: skip
+TASK2_CLASSES: tuple[str, ...] = tuple(c for c in TASK1_CLASSES if c not in _NOT_IN_TASK2)
+
+TASK3_CLASSES: tuple[str, ...] = ("Bulla", "Cardiomyopathy", "Hilum", "Osteopenia", "Scoliosis")
+
+TASKS: dict[str, tuple[str, ...]] = {
+    "task1": TASK1_CLASSES,
+    "task2": TASK2_CLASSES,
+    "task3": TASK3_CLASSES,
+}
+
+# Positives per class in the official CXR-LT 2024 train_labeled.csv (258,871 images).
+TASK1_TRAIN_IMAGES = 258_871
+TASK1_TRAIN_COUNTS: dict[str, int] = {
+    "Support Devices": 83_899, "Lung Opacity": 74_659, "Cardiomegaly": 71_794,
+    "Pleural Effusion": 64_252, "Atelectasis": 63_471, "Pneumonia": 43_744, "Edema": 36_137,
+    "Normal": 32_885, "Enlarged Cardiomediastinum": 28_673, "Consolidation": 14_822,
+    "Pneumothorax": 13_562, "Fracture": 11_193, "Infiltration": 9_431, "Rib Fracture": 8_704,
+    "Nodule": 7_140, "Mass": 4_978, "Calcification of the Aorta": 4_161, "Hernia": 3_756,
+    "Emphysema": 3_462, "Adenopathy": 3_137, "Pleural Thickening": 3_124,
+    "Tortuous Aorta": 3_078, "Granuloma": 2_794, "Fissure": 2_672, "Lung Lesion": 2_202,
+    "Subcutaneous Emphysema": 2_019, "Tuberculosis": 1_929, "Pulmonary Embolism": 1_565,
+    "Fibrosis": 1_075, "Pulmonary Hypertension": 864, "Infarction": 710,
+    "Pneumomediastinum": 694, "Kyphosis": 686, "Hydropneumothorax": 633, "Pleural Other": 580,
+    "Pneumoperitoneum": 505, "Azygos Lobe": 191, "Clavicle Fracture": 158,
+    "Round(ed) Atelectasis": 153, "Lobar Atelectasis": 126,
+}  # fmt: skip
+
+GROUPS = ("head", "medium", "tail")
+HEAD_MIN_FRACTION = 0.10
+TAIL_MAX_FRACTION = 0.01
+
+
+def task_classes(task: str) -> tuple[str, ...]:
+    """Class names of a task, in the task's official order."""
+    try:
+        return TASKS[task]
+    except KeyError:
+        raise KeyError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}") from None
+
+
+def frequency_groups(
+    positives: Mapping[str, float] | Sequence[float] | np.ndarray,
+    n_images: int,
+    classes: Sequence[str] | None = None,
+) -> dict[str, str]:
+    """Head (>10 % of training images), medium (1-10 %), tail (<1 %) per class.
+
+    Derived from training counts, never hard-coded: the reference code's fixed index lists
+    were wrong for Task 2.
+    """
+    if isinstance(positives, Mapping):
+        items = list(positives.items()) if classes is None else [(c, positives[c]) for c in classes]
+    else:
+        if classes is None:
+            raise ValueError("classes are required when positives is a sequence")
+        items = list(zip(classes, np.asarray(positives, dtype=float), strict=True))
+    if n_images <= 0:
+        raise ValueError(f"n_images must be positive, got {n_images}")
+    groups = {}
+    for name, count in items:
+        frac = float(count) / n_images
+        groups[name] = (
+            "head" if frac > HEAD_MIN_FRACTION else "tail" if frac < TAIL_MAX_FRACTION else "medium"
+        )
+    return groups
