@@ -10,6 +10,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from cxrlt.errors import DataError
+
 TASK1_CLASSES: tuple[str, ...] = (
     "Adenopathy", "Atelectasis", "Azygos Lobe", "Calcification of the Aorta", "Cardiomegaly",
     "Clavicle Fracture", "Consolidation", "Edema", "Emphysema", "Enlarged Cardiomediastinum",
@@ -63,7 +65,7 @@ def task_classes(task: str) -> tuple[str, ...]:
     try:
         return TASKS[task]
     except KeyError:
-        raise KeyError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}") from None
+        raise DataError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}") from None
 
 
 def frequency_groups(

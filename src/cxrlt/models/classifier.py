@@ -1,0 +1,89 @@
+"""Image-level classifier: timm backbone (feature map) -> head -> one logit per class."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from cxrlt.errors import DataError
+from cxrlt.models.heads import build_head
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backbone: str = "mobilenetv3_small_100"
+    pretrained: bool = False
+    head: str = "linear"
+    head_args: dict[str, Any] = field(default_factory=dict)
+    in_chans: int = 1
+    drop_path_rate: float = 0.0
+    # Intensity normalisation of the uint8 cache, applied inside the model so that every
+    # caller (training, evaluation, export) feeds raw pixels.
+    mean: float = 0.5
+    std: float = 0.25
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> ModelConfig:
+        unknown = sorted(set(params) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise DataError(f"params model: unknown keys {unknown}; valid: {sorted(cls.__dataclass_fields__)}")
+        return cls(**params)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def create_backbone(cfg: ModelConfig) -> nn.Module:
+    """timm model without its classifier; a hub failure becomes one clear line."""
+    import timm
+
+    kwargs: dict[str, Any] = {"num_classes": 0, "global_pool": "", "in_chans": cfg.in_chans}
+    if cfg.drop_path_rate:
+        kwargs["drop_path_rate"] = cfg.drop_path_rate
+    try:
+        return timm.create_model(cfg.backbone, pretrained=cfg.pretrained, **kwargs)
+    except RuntimeError as e:
+        if "Unknown model" in str(e):
+            raise DataError(f"params model.backbone: timm has no model {cfg.backbone!r}") from None
+        raise
+    except OSError as e:
+        if cfg.pretrained:
+            raise RuntimeError(
+                f"cannot download pretrained weights for {cfg.backbone!r} (offline? HF_HUB_OFFLINE?): "
+                f"set model.pretrained: false or pre-fill the Hugging Face cache. ({type(e).__name__})"
+            ) from None
+        raise
+
+
+class Classifier(nn.Module):
+    def __init__(self, cfg: ModelConfig, num_classes: int):
+        super().__init__()
+        self.cfg = cfg
+        self.num_classes = num_classes
+        self.backbone = create_backbone(cfg)
+        self.num_features = int(self.backbone.num_features)
+        self.head = build_head(cfg.head, self.num_features, num_classes, **cfg.head_args)
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, H, W) or (B, 1, H, W) -> float normalised (B, in_chans, H, W)."""
+        if x.dim() == 3:
+            x = x.unsqueeze(1)
+        x = x.float().div_(255.0).sub_(self.cfg.mean).div_(self.cfg.std)
+        if self.cfg.in_chans != x.shape[1]:
+            x = x.expand(-1, self.cfg.in_chans, -1, -1)
+        return x
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.forward_features(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.uint8:
+            x = self.normalise(x)
+        return self.head(self.features(x))
+
+
+def build_model(cfg: ModelConfig, num_classes: int) -> Classifier:
+    return Classifier(cfg, num_classes)

@@ -1,0 +1,40 @@
+"""Predictions table and CXR-LT submission files.
+
+A submission holds probabilities (mAP needs a ranking; the reference code binarised at 0.5),
+one row per dicom_id with its study_id, class columns named and ordered as the task's.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from cxrlt.io import write_csv
+
+ID_COLUMNS = ("image_id", "study_id", "patient_id", "split", "view")
+
+
+def predictions_frame(rows: pd.DataFrame, classes: Sequence[str], probs: np.ndarray) -> pd.DataFrame:
+    """Ids of `rows` + one probability column per class (`p:<class>` keeps them apart from labels)."""
+    if probs.shape != (len(rows), len(classes)):
+        raise ValueError(f"probabilities {probs.shape} do not match {len(rows)} rows x {len(classes)} classes")
+    out = rows.loc[:, list(ID_COLUMNS)].reset_index(drop=True).copy()
+    out[[f"p:{c}" for c in classes]] = probs.astype(np.float32)
+    return out
+
+
+def probabilities(preds: pd.DataFrame, classes: Sequence[str]) -> np.ndarray:
+    return preds[[f"p:{c}" for c in classes]].to_numpy(dtype=np.float64)
+
+
+def write_submission(path: str | os.PathLike, preds: pd.DataFrame, classes: Sequence[str]) -> pd.DataFrame:
+    """One row per dicom_id: `dicom_id, study_id, <classes in task order>` (probabilities)."""
+    if preds["image_id"].duplicated().any():
+        raise ValueError("duplicate image ids in predictions")
+    sub = pd.DataFrame({"dicom_id": preds["image_id"].to_numpy(), "study_id": preds["study_id"].to_numpy()})
+    sub[list(classes)] = probabilities(preds, classes)
+    write_csv(path, sub, float_format="%.6g")
+    return sub

@@ -1,0 +1,1 @@
+"""Training: datasets over the image cache, augmentation, the LightningModule and the fit loop."""

@@ -1,0 +1,21 @@
+"""Stage train: fit the image-level classifier (loss, model, schedule from params)."""
+
+import pandas as pd
+
+from cxrlt.labels import task_classes
+from cxrlt.params import load_params
+from cxrlt.stage import run_stage
+from cxrlt.training.fit import fit
+
+
+def main() -> None:
+    params = load_params()
+    classes = list(task_classes("task1" if params["task"] == "task3" else params["task"]))
+    manifest = pd.read_parquet(params["data"]["manifest"])
+    t = params["train"]
+    info = fit(manifest, classes, params["cache"]["dir"], params, t["checkpoint"], live_dir=t["live_dir"])
+    print(f"train: best val mAP {info['val_mAP']:.4f} -> {t['checkpoint']}")
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,93 @@
+"""cache: aspect kept + padding, draft decoding, resumable, corrupt-image policy, atomic."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from cxrlt.data.cache import ImageCache, build_cache, load_resized
+from cxrlt.errors import DataError
+
+
+def _write(path: Path, array: np.ndarray, fmt: str = "JPEG") -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    return str(path)
+
+
+def _manifest(paths: list[str]) -> pd.DataFrame:
+    return pd.DataFrame({"image_id": [f"id{i}" for i in range(len(paths))], "path": paths})
+
+
+def test_aspect_kept_and_padded(tmp_path: Path):
+    wide = np.full((100, 200), 200, np.uint8)  # landscape: pads top and bottom
+    out = load_resized(_write(tmp_path / "w.png", wide, "PNG"), 64)
+    assert out.shape == (64, 64)
+    assert (out[:16] == 0).all() and (out[-16:] == 0).all() and (out[17:47] == 200).all()
+    tall = np.full((300, 150), 90, np.uint8)
+    out = load_resized(_write(tmp_path / "t.png", tall, "PNG"), 64)
+    assert (out[:, :16] == 0).all() and (out[:, 17:47] == 90).all()
+
+
+def test_draft_decoding_matches_full_decode(tmp_path: Path):
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:1024, 0:800]
+    img = (128 + 60 * np.sin(xx / 60) * np.cos(yy / 80) + rng.normal(0, 3, xx.shape)).clip(0, 255)
+    p = _write(tmp_path / "big.jpg", img.astype(np.uint8))
+    fast = load_resized(p, 128).astype(float)
+    with Image.open(p) as im:
+        full = im.convert("L").resize((100, 128), Image.Resampling.LANCZOS)
+    ref = np.zeros((128, 128))
+    ref[:, 14:114] = np.asarray(full, dtype=float)
+    assert np.abs(fast - ref)[:, 16:112].mean() < 3.0
+
+
+def test_sixteen_bit_png(tmp_path: Path):
+    a = (np.linspace(0, 65535, 64 * 64).reshape(64, 64)).astype(np.uint16)
+    p = tmp_path / "x.png"
+    Image.fromarray(a).save(p)
+    out = load_resized(p, 64)
+    assert out[0, 0] == 0 and out[-1, -1] == 255
+
+
+def test_build_and_read(tmp_path: Path):
+    paths = [_write(tmp_path / f"{i}.jpg", np.full((60, 40), 10 * i, np.uint8)) for i in range(10)]
+    report = build_cache(_manifest(paths), tmp_path / "cache", 32, workers=2, chunk=3, progress=False)
+    assert report.n_images == 10 and report.failed == []
+    cache = ImageCache(tmp_path / "cache")
+    rows = cache.rows(["id7", "id2"])
+    assert abs(int(cache.images[rows[0]][16, 16]) - 70) <= 2
+    assert abs(int(cache.images[rows[1]][16, 16]) - 20) <= 2
+    assert not list((tmp_path / ".partial").glob("*.npy"))  # nothing half-written left
+    with pytest.raises(DataError, match="not in the cache"):
+        cache.rows(["nope"])
+
+
+def test_corrupt_images_fail_with_a_list_then_resume(tmp_path: Path):
+    paths = [_write(tmp_path / f"{i}.jpg", np.full((50, 50), 100, np.uint8)) for i in range(8)]
+    good = Path(paths[5]).read_bytes()
+    Path(paths[5]).write_bytes(good[: len(good) // 3])  # truncated JPEG
+    Path(paths[6]).write_bytes(b"not an image")
+    m = _manifest(paths)
+    with pytest.raises(DataError, match=r"2 unreadable images[\s\S]*5\.jpg[\s\S]*6\.jpg"):
+        build_cache(m, tmp_path / "cache", 32, workers=1, chunk=2, progress=False)
+    assert not (tmp_path / "cache" / "images.npy").exists()
+    # The fixed files are re-read; everything else resumes from the partial cache.
+    Path(paths[5]).write_bytes(good)
+    Path(paths[6]).write_bytes(good)
+    report = build_cache(m, tmp_path / "cache", 32, workers=1, chunk=2, progress=False)
+    assert report.failed == [] and report.resumed_from == 6
+    assert ImageCache(tmp_path / "cache").ok.all()
+
+
+def test_skip_policy_records_and_marks(tmp_path: Path):
+    paths = [_write(tmp_path / f"{i}.jpg", np.full((50, 50), 100, np.uint8)) for i in range(4)]
+    Path(paths[2]).write_bytes(b"\xff\xd8garbage")
+    report = build_cache(_manifest(paths), tmp_path / "cache", 16, on_error="skip", workers=1, progress=False)
+    assert len(report.failed) == 1 and "2.jpg" in report.failed[0]
+    cache = ImageCache(tmp_path / "cache")
+    assert cache.ok.tolist() == [True, True, False, True]
