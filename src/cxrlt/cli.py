@@ -1,0 +1,115 @@
+"""`cxrlt` command line: one subcommand per entry of `COMMANDS`.
+
+Adding a command = write `_<name>_arguments(parser)` and `_<name>(args) -> int`, and add one
+`Command` to `COMMANDS`. Heavy modules are imported inside the run function, so parsing (and
+`cxrlt --help`) never pulls in torch. Bad input (`DataError`) becomes one `error: ...` line on
+stderr and exit code 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from cxrlt import __version__
+from cxrlt.errors import DataError
+from cxrlt.labels import TASKS
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _score_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--labels", required=True, help="labels CSV, e.g. test_labeled_task1.csv")
+    p.add_argument("--predictions", required=True, help="submission CSV (dicom_id + classes)")
+    p.add_argument("--task", default="task1", choices=sorted(TASKS), help="default: task1")
+    p.add_argument("--out", help="write the metrics as JSON here (atomically)")
+    p.add_argument(
+        "--train-labels",
+        help="training CSV whose positive counts define head/medium/tail "
+        "(default: the official CXR-LT 2024 training counts)",
+    )
+    p.add_argument(
+        "--thresholds", help="JSON {class: threshold} tuned on validation, for mF1@tuned"
+    )
+    p.add_argument(
+        "--bootstrap",
+        type=_positive_int,
+        default=1000,
+        metavar="N",
+        help="study-level bootstrap replicates for the CIs; 0 skips them (default: 1000)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")
+    p.add_argument("--ci", type=float, default=0.95, help="interval level (default: 0.95)")
+
+
+def _score(args: argparse.Namespace) -> int:
+    from cxrlt import scoring
+    from cxrlt.io import write_json
+
+    if not 0 < args.ci < 1:
+        raise DataError(f"--ci must be between 0 and 1, got {args.ci}")
+    result = scoring.score(
+        args.labels,
+        args.predictions,
+        task=args.task,
+        train_labels=args.train_labels,
+        thresholds=args.thresholds,
+        n_bootstrap=args.bootstrap,
+        seed=args.seed,
+        ci=args.ci,
+    )
+    print(scoring.format_report(result))
+    if args.out:
+        write_json(args.out, result)
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+COMMANDS: dict[str, Command] = {
+    "score": Command(
+        help="score a CXR-LT submission CSV against a labels CSV",
+        add_arguments=_score_arguments,
+        run=_score,
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cxrlt", description="Long-tailed multi-label chest X-ray classification (CXR-LT)."
+    )
+    parser.add_argument("--version", action="version", version=f"cxrlt {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, command in COMMANDS.items():
+        p = sub.add_parser(name, help=command.help, description=command.help)
+        command.add_arguments(p)
+        p.set_defaults(run=command.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `cxrlt` script; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args))
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
