@@ -1,0 +1,112 @@
+"""End to end: `dvc repro` of the whole pipeline on a tiny configuration in a temporary git repo."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from cxrlt.labels import TASK1_CLASSES
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = {
+    "synth": {"n_patients": 45, "height": 96, "width_range": [80, 112], "workers": 1},
+    "cache": {"size": 48, "workers": 1},
+    "model": {"backbone": "mobilenetv3_small_050"},
+    "train": {"epochs": 1, "batch_size": 16},
+    "evaluate": {"n_bootstrap": 20},
+}
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(base[k], v) if isinstance(v, dict) else v
+    return out
+
+
+def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "DVC_NO_ANALYTICS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
+    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, (
+        f"{' '.join(cmd)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    )
+    return res
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A git repo holding the project's tracked and untracked files, with tiny params."""
+    dest = tmp_path_factory.mktemp("e2e") / "repo"
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\n")
+    for f in filter(None, files):
+        src = ROOT / f
+        if (
+            src.is_file()
+            and not f.startswith(
+                ("data/", "models/", "metrics/", "plots/", "reports/", "dvclive/", "submissions/")
+            )
+            and f != "dvc.lock"
+        ):
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / f)
+    params = yaml.safe_load((dest / "params.yaml").read_text())
+    (dest / "params.yaml").write_text(yaml.safe_dump(_merge(params, TINY), sort_keys=False))
+    _run(["git", "init", "-q"], dest)
+    _run(["git", "add", "-A"], dest)
+    _run(["git", "commit", "-qm", "tiny"], dest)
+    _run(["dvc", "repro"], dest)
+    return dest
+
+
+def test_repro_writes_every_declared_output(repo: Path):
+    for split in ("dev", "test"):
+        m = json.loads((repo / "metrics" / f"{split}.json").read_text())
+        assert 0.0 <= m["mAP"] <= 1.0 and m["prevalence_baseline_mAP"] > 0
+        assert set(m["per_class_ap"]) == set(TASK1_CLASSES)
+        assert m["mAP_ci_low"] <= m["mAP_ci_high"]
+    for name in ("per_class_ap.csv", "pr_curves_test.csv", "reliability_test.csv"):
+        assert (repo / "plots" / name).stat().st_size > 0
+    assert (repo / "plots" / "figures" / "ap_vs_frequency_test.png").exists()
+    assert "Per-class results" in (repo / "reports" / "evaluation.md").read_text()
+    assert (repo / "dvclive" / "train" / "metrics.json").exists()
+    assert (repo / "dvc.lock").exists()
+
+
+def test_submission_format(repo: Path):
+    sub = pd.read_csv(repo / "submissions" / "task1_test.csv")
+    truth = pd.read_csv(repo / "data/raw/synth/cxr-lt-2024/test_labeled_task1.csv")
+    assert list(sub.columns) == ["dicom_id", "study_id", *TASK1_CLASSES]
+    assert sorted(sub["dicom_id"]) == sorted(truth["dicom_id"])
+    probs = sub[list(TASK1_CLASSES)].to_numpy()
+    assert ((probs >= 0) & (probs <= 1)).all() and len(set(probs.ravel().round(6))) > 2
+
+
+def test_pipeline_is_up_to_date_and_metrics_readable(repo: Path):
+    status = _run(["dvc", "status"], repo).stdout
+    assert "up to date" in status
+    shown = _run(["dvc", "metrics", "show"], repo).stdout
+    assert "metrics/test.json" in shown and "mAP" in shown
