@@ -15,9 +15,13 @@ def main() -> None:
     manifest = pd.read_parquet(params["data"]["manifest"])
     summaries = run(preds, manifest, info, params)
     for split, s in summaries.items():
-        print(f"evaluate {split}: mAP {s['mAP']:.4f} (prevalence baseline {s['prevalence_baseline_mAP']:.4f}), "
-              f"head {s.get('mAP_head')}, medium {s.get('mAP_medium')}, tail {s.get('mAP_tail')}, "
-              f"mAUROC {s['mAUROC']:.4f}")
+        shown = ", ".join(f"{k} {_fmt(s.get(k))}" for k in
+                          ("mAP", "prevalence_baseline_mAP", "mAP_head", "mAP_medium", "mAP_tail", "mAUROC"))
+        print(f"evaluate {split}: {shown}")
+
+
+def _fmt(x: object) -> str:
+    return "undefined" if x is None else f"{x:.4f}"
 
 
 if __name__ == "__main__":

@@ -69,11 +69,15 @@ def summary_metrics(result: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def prevalence_baseline(y: np.ndarray, prevalence: np.ndarray) -> float:
-    """mAP of predicting each class's training prevalence for every image (= mean positive rate)."""
+def prevalence_baseline(y: np.ndarray, prevalence: np.ndarray) -> float | None:
+    """mAP of predicting each class's training prevalence for every image (= mean positive rate).
+
+    Undefined classes are left out, as from mAP; None (JSON null) when none is defined.
+    """
     s = np.broadcast_to(prevalence, y.shape)
     ap = M.average_precision(y, s)
-    return float(np.nanmean(ap))
+    ap = ap[~np.isnan(ap)]
+    return float(ap.mean()) if len(ap) else None
 
 
 # -------------------------------------------------------------------------------------------
@@ -168,8 +172,18 @@ def draw_figures(table: pd.DataFrame, pr: pd.DataFrame, rel: pd.DataFrame, split
     fig, ax = plt.subplots(figsize=(11, 4.5))
     t = table.assign(order=table["group"].map({"head": 0, "medium": 1, "tail": 2}))
     t = t.sort_values(["order", col], ascending=[True, False])
-    ax.bar(np.arange(len(t)), t[col].fillna(0), color=[GROUP_COLOURS[g] for g in t["group"]])
+    # an undefined AP (no positives) gets no bar and a mark, never a bar of height 0
+    ap = t[col].to_numpy(dtype=float)
+    ax.bar(np.arange(len(t)), np.nan_to_num(ap), color=[GROUP_COLOURS[g] for g in t["group"]])
+    for i in np.flatnonzero(np.isnan(ap)):
+        ax.text(i, 0.01, "undefined", rotation=90, ha="center", va="bottom", fontsize=6)
     ax.set_xticks(np.arange(len(t)), t["class"], rotation=90, fontsize=7)
+    ax.set_ylim(0, 1.02)
+    from matplotlib.patches import Patch
+
+    ax.legend(handles=[Patch(color=GROUP_COLOURS[g], label=g) for g in GROUP_COLOURS
+                       if g in set(t["group"])], title="group", fontsize=7,
+              loc="upper left", bbox_to_anchor=(1.0, 1.0))  # fmt: skip
     ax.set_ylabel(f"AP ({split})")
     ax.set_title(f"Per-class AP by group ({split}; head / medium / tail)")
     paths["ap_by_group"] = out_dir / f"ap_by_group_{split}.png"
@@ -213,8 +227,10 @@ def write_report(path: str | os.PathLike, results: Mapping[str, Mapping[str, Any
             ci = (res.get("ci") or {}).get(key)
             cells.append(_fmt(v) + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""))
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
-    lines.append("| prevalence baseline mAP | " + " | ".join(f"{baselines[s]:.4f}" for s in results) + " |")
-    lines += ["", "Brackets: 95 % cluster-bootstrap intervals (resampling studies). mF1@tuned uses "
+    lines.append("| prevalence baseline mAP | " + " | ".join(_fmt(baselines[s]) for s in results) + " |")
+    boot = next((r["bootstrap"] for r in results.values() if r.get("bootstrap")), None)
+    level = f"{100 * boot['level']:g}%" if boot else "no"
+    lines += ["", f"Brackets: {level} cluster-bootstrap intervals (resampling studies). mF1@tuned uses "
               "per-class thresholds tuned on the validation split. The prevalence baseline predicts "
               "each class's training prevalence for every image."]
     for split, res in results.items():

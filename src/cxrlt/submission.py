@@ -36,5 +36,7 @@ def write_submission(path: str | os.PathLike, preds: pd.DataFrame, classes: Sequ
         raise ValueError("duplicate image ids in predictions")
     sub = pd.DataFrame({"dicom_id": preds["image_id"].to_numpy(), "study_id": preds["study_id"].to_numpy()})
     sub[list(classes)] = probabilities(preds, classes)
-    write_csv(path, sub, float_format="%.6g")
+    # full precision: rounding (e.g. "%.6g") turns distinct float32 probabilities into ties
+    # (0.99999994 and 0.9999997 both print "1"), so `cxrlt score` would disagree with evaluate
+    write_csv(path, sub)
     return sub

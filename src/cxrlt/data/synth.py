@@ -190,7 +190,8 @@ def make_metadata(cfg: SynthConfig) -> pd.DataFrame:
                 "ViewPosition": code, "ViewCodeSequence_CodeMeaning": meaning,
                 "fpath": f"files/p{str(subject)[:2]}/p{subject}/s{study}/{dicom}.jpg",
                 "split": study_split[s], "drawn_view": view,
-                "width": int(rng.integers(cfg.width_range[0], cfg.width_range[1] + 1)),
+                # Widths on a 16 px grid: the renderer caches coordinate grids per size.
+                "width": int(rng.integers(cfg.width_range[0], cfg.width_range[1] + 1)) // 16 * 16,
                 "image_seed": int(image_seeds[j]), "patient_seed": int(patient_seeds[p]),
                 "study_index": s,
             })  # fmt: skip
