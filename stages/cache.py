@@ -1,4 +1,11 @@
-"""Stage cache: decode and resize every manifest image once into a memory-mapped array."""
+"""Stage cache: decode and resize every manifest image once into a memory-mapped array.
+
+`python stages/cache.py [--manifest M --out DIR]`: the CXR-LT manifest into `cache.dir` by
+default; the external sources pass their own manifest and folder.
+"""
+
+import argparse
+from pathlib import Path
 
 import pandas as pd
 
@@ -8,13 +15,18 @@ from cxrlt.stage import run_stage
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--manifest")
+    ap.add_argument("--out")
+    args = ap.parse_args()
     params = load_params()
     c = params["cache"]
-    manifest = pd.read_parquet(params["data"]["manifest"])
-    report = build_cache(manifest, c["dir"], int(c["size"]), workers=int(c["workers"]),
-                         on_error=c["on_error"], partial_dir="data/tmp/cache-partial")
-    print(f"cache: {report.n_images} images at {report.size}px in {report.seconds:.1f}s "
-          f"({report.images_per_second:.0f} img/s), {len(report.failed)} unreadable")
+    manifest_path = args.manifest or params["data"]["manifest"]
+    out = args.out or c["dir"]
+    report = build_cache(pd.read_parquet(manifest_path), out, int(c["size"]), workers=int(c["workers"]),
+                         on_error=c["on_error"], partial_dir=f"data/tmp/cache-partial/{Path(out).name}")
+    print(f"cache {manifest_path}: {report.n_images} images at {report.size}px in {report.seconds:.1f}s "
+          f"({report.images_per_second:.0f} img/s), {len(report.failed)} unreadable -> {out}")
 
 
 if __name__ == "__main__":

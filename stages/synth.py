@@ -1,6 +1,7 @@
 """Stage synth: write the built-in dataset in the MIMIC-CXR-JPG + CXR-LT 2024 layout."""
 
 from cxrlt.data.synth import SynthConfig, write_dataset
+from cxrlt.data.synth_external import write_external
 from cxrlt.params import load_params
 from cxrlt.stage import run_stage
 
@@ -8,8 +9,10 @@ from cxrlt.stage import run_stage
 def main() -> None:
     p = load_params()["synth"]
     meta = write_dataset(p["out"], SynthConfig.from_params(p))
+    tables = write_external(p["out"], p.get("external", {}))
     print(f"synth: {len(meta)} images, {meta['study_id'].nunique()} studies, "
-          f"{meta['subject_id'].nunique()} patients -> {p['out']}")
+          f"{meta['subject_id'].nunique()} patients -> {p['out']}; external: "
+          + ", ".join(f"{k} {len(v)} rows" for k, v in tables.items()))
 
 
 if __name__ == "__main__":

@@ -83,7 +83,7 @@ class SynthConfig:
     @classmethod
     def from_params(cls, params: Mapping) -> SynthConfig:
         known = {k: v for k, v in params.items() if k in cls.__dataclass_fields__}
-        unknown = sorted(set(params) - set(known) - {"out"})
+        unknown = sorted(set(params) - set(known) - {"out", "external"})
         if unknown:
             raise DataError(f"params synth: unknown keys {unknown}; valid: {sorted(cls.__dataclass_fields__)}")
         if "width_range" in known:
