@@ -4,7 +4,7 @@ from cxrlt.data.manifest import summary, validate_manifest
 from cxrlt.data.mimic import read_cxrlt
 from cxrlt.data.splits import patient_val_split
 from cxrlt.io import write_parquet
-from cxrlt.labels import task_classes
+from cxrlt.labels import training_classes
 from cxrlt.params import load_params
 from cxrlt.stage import run_stage
 
@@ -13,8 +13,9 @@ def main() -> None:
     params = load_params()
     data, split = params["data"], params["split"]
     task = params["task"]
-    classes = list(task_classes("task1" if task == "task3" else task))
-    df = read_cxrlt(data["cxrlt_root"], data["mimic_root"], task, check_files=bool(data["check_files"]))
+    classes = list(training_classes(task))
+    df = read_cxrlt(data["cxrlt_root"], data["mimic_root"], task, check_files=bool(data["check_files"]),
+                    files=data.get("files"))
     df["split"] = patient_val_split(df, classes, float(split["val_fraction"]), int(split["seed"]))
     validate_manifest(df, classes, data["manifest"])
     write_parquet(data["manifest"], df)

@@ -2,7 +2,7 @@
 
 import pandas as pd
 
-from cxrlt.labels import task_classes
+from cxrlt.labels import training_classes
 from cxrlt.params import load_params
 from cxrlt.stage import run_stage
 from cxrlt.training.fit import fit
@@ -10,7 +10,7 @@ from cxrlt.training.fit import fit
 
 def main() -> None:
     params = load_params()
-    classes = list(task_classes("task1" if params["task"] == "task3" else params["task"]))
+    classes = list(training_classes(params["task"]))
     manifest = pd.read_parquet(params["data"]["manifest"])
     t = params["train"]
     info = fit(manifest, classes, params["cache"]["dir"], params, t["checkpoint"], live_dir=t["live_dir"])

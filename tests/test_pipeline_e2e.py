@@ -110,3 +110,17 @@ def test_pipeline_is_up_to_date_and_metrics_readable(repo: Path):
     assert "up to date" in status
     shown = _run(["dvc", "metrics", "show"], repo).stdout
     assert "metrics/test.json" in shown and "mAP" in shown
+
+
+def test_cxrlt_score_agrees_with_the_evaluate_stage(repo: Path):
+    labels = repo / "data/raw/synth/cxr-lt-2024/test_labeled_task1.csv"
+    out = repo / "score.json"
+    _run([str(Path(sys.executable).parent / "cxrlt"), "score", "--labels", str(labels), "--predictions",
+          str(repo / "submissions/task1_test.csv"), "--out", str(out), "--bootstrap", "0"], repo)
+    scored = json.loads(out.read_text())
+    stage = json.loads((repo / "metrics" / "test.json").read_text())
+    assert scored["mAP"] == pytest.approx(stage["mAP"], abs=1e-9)
+    for c, ap in stage["per_class_ap"].items():
+        assert (scored["per_class"][c]["ap"] is None) == (ap is None)
+        if ap is not None:
+            assert scored["per_class"][c]["ap"] == pytest.approx(ap, abs=1e-9)

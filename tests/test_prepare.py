@@ -130,3 +130,24 @@ def test_iterative_stratification_balances_rare_labels():
     assert abs((fold == 1).mean() - 0.2) < 0.01
     share = y[fold == 1].sum(axis=0) / y.sum(axis=0)
     assert np.all(np.abs(share - 0.2) < 0.12), share
+
+
+def test_cxrlt2023_files_with_no_finding_and_unlabelled_test(tiny_synth: Path, tmp_path: Path):
+    """The 2023 release: train/development/test.csv, "No Finding"; test labels may be absent."""
+    from cxrlt.labels import TASK2023_CLASSES
+
+    labels = tmp_path / "cxr-lt-2023"
+    labels.mkdir()
+    src = tiny_synth / "cxr-lt-2024"
+    for split, name in (("train", "train_labeled_26.csv"), ("development", "development_labeled_task2.csv"),
+                        ("test", "test_labeled_task2.csv")):
+        df = pd.read_csv(src / name).rename(columns={"Normal": "No Finding"})
+        if split == "test":
+            df = df.drop(columns=list(TASK2023_CLASSES))
+        df.to_csv(labels / f"{split}.csv", index=False)
+    m = read_cxrlt(labels, tiny_synth / "mimic-cxr-jpg", "cxrlt2023")
+    assert list(m.columns[-len(TASK2023_CLASSES):]) == list(TASK2023_CLASSES)
+    assert m.loc[m["split"] == "test", list(TASK2023_CLASSES)].isna().all().all()
+    assert m.loc[m["split"] == "train", "No Finding"].sum() > 0
+    with pytest.raises(DataError, match="unknown splits"):
+        read_cxrlt(labels, tiny_synth / "mimic-cxr-jpg", "cxrlt2023", files={"valid": "x.csv"})

@@ -282,5 +282,8 @@ def run(preds: pd.DataFrame, manifest: pd.DataFrame, info: Mapping[str, Any], pa
         figures[split] = draw_figures(table, pr, rel, split, plots_dir / "figures")
     report_dir = Path(e["report_dir"])
     write_report(report_dir / "evaluation.md", results, baselines, table, figures, info)
-    write_json(report_dir / "evaluation.json", {"thresholds": dict(zip(classes, map(float, thresholds), strict=True)), **results})
+    tuned = dict(zip(classes, map(float, thresholds), strict=True))
+    write_json(report_dir / "evaluation.json", {"thresholds": tuned, **results})
+    # The format `cxrlt score --thresholds` reads.
+    write_json(report_dir / "thresholds.json", tuned)
     return summaries

@@ -32,10 +32,27 @@ TASK2_CLASSES: tuple[str, ...] = tuple(c for c in TASK1_CLASSES if c not in _NOT
 
 TASK3_CLASSES: tuple[str, ...] = ("Bulla", "Cardiomyopathy", "Hilum", "Osteopenia", "Scoliosis")
 
+# CXR-LT 2023 (ICCV CVAMD): the 26 classes of Task 2 with "No Finding" instead of "Normal",
+# in the order of the official files, and the official training counts (264,849 images).
+TASK2023_CLASSES: tuple[str, ...] = (
+    "Atelectasis", "Calcification of the Aorta", "Cardiomegaly", "Consolidation", "Edema",
+    "Emphysema", "Enlarged Cardiomediastinum", "Fibrosis", "Fracture", "Hernia", "Infiltration",
+    "Lung Lesion", "Lung Opacity", "Mass", "No Finding", "Nodule", "Pleural Effusion",
+    "Pleural Other", "Pleural Thickening", "Pneumomediastinum", "Pneumonia", "Pneumoperitoneum",
+    "Pneumothorax", "Subcutaneous Emphysema", "Support Devices", "Tortuous Aorta",
+)  # fmt: skip
+TASK2023_TRAIN_IMAGES = 264_849
+TASK2023_TRAIN_COUNTS: dict[str, int] = dict(zip(TASK2023_CLASSES, (
+    67_597, 4_361, 76_900, 16_038, 38_574, 4_255, 30_119, 1_158, 11_883, 4_049, 10_218, 2_533,
+    79_931, 5_529, 41_869, 7_663, 69_240, 675, 3_369, 788, 48_093, 543, 14_983, 2_453, 89_140,
+    3_499,
+), strict=True))  # fmt: skip
+
 TASKS: dict[str, tuple[str, ...]] = {
     "task1": TASK1_CLASSES,
     "task2": TASK2_CLASSES,
     "task3": TASK3_CLASSES,
+    "cxrlt2023": TASK2023_CLASSES,
 }
 
 # Positives per class in the official CXR-LT 2024 train_labeled.csv (258,871 images).
@@ -56,6 +73,7 @@ TASK1_TRAIN_COUNTS: dict[str, int] = {
 }  # fmt: skip
 
 GROUPS = ("head", "medium", "tail")
+
 HEAD_MIN_FRACTION = 0.10
 TAIL_MAX_FRACTION = 0.01
 
@@ -66,6 +84,11 @@ def task_classes(task: str) -> tuple[str, ...]:
         return TASKS[task]
     except KeyError:
         raise DataError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}") from None
+
+
+def training_classes(task: str) -> tuple[str, ...]:
+    """Classes a model for `task` is trained on: Task 3 (zero-shot) trains on Task 1's labels."""
+    return task_classes("task1" if task == "task3" else task)
 
 
 def frequency_groups(

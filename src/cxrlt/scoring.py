@@ -19,7 +19,14 @@ import pandas as pd
 
 from cxrlt import metrics
 from cxrlt.errors import DataError
-from cxrlt.labels import GROUPS, TASK1_TRAIN_COUNTS, TASK1_TRAIN_IMAGES, frequency_groups
+from cxrlt.labels import (
+    GROUPS,
+    TASK1_TRAIN_COUNTS,
+    TASK1_TRAIN_IMAGES,
+    TASK2023_TRAIN_COUNTS,
+    TASK2023_TRAIN_IMAGES,
+    frequency_groups,
+)
 from cxrlt.labels import task_classes as _task_classes
 
 ID = "dicom_id"
@@ -29,7 +36,7 @@ LABEL_META = ("dicom_id", "subject_id", "study_id", "ViewPosition",
 SUBMISSION_META = (ID, STUDY)  # the only non-class columns a submission may carry
 _SHOW = 5  # how many offending ids a message lists
 _ID_DTYPES = {"dicom_id": str, "subject_id": str, "study_id": str}
-DEFAULT_GROUPS_SOURCE = "CXR-LT 2024 train_labeled.csv positive counts"
+DEFAULT_GROUPS_SOURCE = "official CXR-LT training positive counts (2024 train_labeled.csv or 2023 train.csv)"
 
 
 def task_classes(task: str) -> tuple[str, ...]:
@@ -208,9 +215,10 @@ def training_groups(
             raise DataError(f"{path}: no rows")
         counts = (y == 1).sum(axis=0)
         return frequency_groups(counts, len(df), classes), str(path)
-    if any(c not in TASK1_TRAIN_COUNTS for c in classes):
-        return None, None
-    return frequency_groups(TASK1_TRAIN_COUNTS, TASK1_TRAIN_IMAGES, classes), DEFAULT_GROUPS_SOURCE
+    for counts, n in ((TASK1_TRAIN_COUNTS, TASK1_TRAIN_IMAGES), (TASK2023_TRAIN_COUNTS, TASK2023_TRAIN_IMAGES)):
+        if all(c in counts for c in classes):
+            return frequency_groups(counts, n, classes), DEFAULT_GROUPS_SOURCE
+    return None, None
 
 
 def read_thresholds(path: str | os.PathLike, classes: Sequence[str]) -> np.ndarray:

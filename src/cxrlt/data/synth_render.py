@@ -100,7 +100,7 @@ def sample_anatomy(rng: np.random.Generator) -> Anatomy:
         chest_width=float(u(0.32, 0.38)),
         lung_top=float(u(0.12, 0.16)),
         lung_height=float(u(0.48, 0.56)),
-        heart_ratio=float(u(0.40, 0.47)),
+        heart_ratio=float(u(0.42, 0.5)),
         heart_tilt=float(u(20.0, 35.0)),
         mediastinum_width=float(u(0.045, 0.058)),
         soft_tissue=float(u(0.03, 0.07)),
@@ -214,7 +214,7 @@ def _lateral_geo(an: Anatomy, rng: np.random.Generator) -> _Geo:
     g.lung_box = (lx, g.dia_top, 0.5 * (g.post - g.ant) - 0.03, height)
     hr = an.heart_ratio / 0.43
     g.heart = (g.ant + 0.2 * hr, g.dia_top - 0.03, 0.19 * hr, 0.15 * hr, -35.0)
-    g.spine_x = g.post - 0.1
+    g.spine_x = g.post - 0.125
     g.kyph = an.thoracic_curve
     g.hila = ((g.ant + 0.5 * an.ap_depth, g.apex + 0.3), (g.ant + 0.5 * an.ap_depth, g.apex + 0.3))
     g.bone_scale = an.bone_density
@@ -749,14 +749,11 @@ def _base_frontal(c: _Ctx, rng: np.random.Generator) -> None:
     _spine_frontal(c)
     _ribs_frontal(c)
     _clavicles(c)
-    for s in (-1, 1):  # humeral heads and shafts, medial scapular borders
+    for s in (-1, 1):  # humeral heads and shafts
         hx_ = g.cx + s * (g.body_w + 0.1)
         _ellipse(c, c.bone, hx_, g.apex - 0.01, 0.065, 0.075, 0.16, edge=0.1, dome=0.6)
         _ellipse(c, c.bone, hx_ + s * 0.01, g.apex + 0.25, 0.04, 0.25, 0.1, edge=0.15,
                  dome=0.7)
-        sc_pts = [(g.cx + s * 0.74 * g.W, g.apex - 0.02), (g.cx + s * 0.8 * g.W, g.apex + 0.14),
-                  (g.cx + s * 0.92 * g.W, g.apex + 0.3)]
-        _polyline(c, c.bone, sc_pts, 0.012, 0.035, blur=0.005)
 
 
 def _breast(c: _Ctx, x: float, y: float, rx: float, ry: float, amp: float) -> None:
@@ -815,7 +812,7 @@ def _spine_frontal(c: _Ctx) -> None:
     ped = np.exp(-(((ad - 0.75 * hw) / 0.008) ** 2) - ((f - 0.35) / 0.16) ** 2)
     spin = np.exp(-((d / 0.006) ** 2) - ((f - 0.8) / 0.18) ** 2)
     fade = 1 - 0.5 * _smooth((Y - g.dia_r) / 0.2)
-    c.bone[rs, cs] += (0.035 * body + 0.03 * ped + 0.02 * spin) * fade
+    c.bone[rs, cs] += (0.045 * body + 0.035 * ped + 0.025 * spin) * fade
     # paraspinal soft tissue: hidden in the mediastinum unless the spine curves out of it
     c.occ[rs, cs] += 0.8 * _ramp(hw + 0.012 - ad, _edge(c, 0.008))
 
@@ -845,22 +842,20 @@ def _ribs_frontal(c: _Ctx) -> None:
 def _clavicles(c: _Ctx) -> None:
     """S-shaped clavicles from the sternal notch to the shoulders; one may be broken."""
     g = c.geo
+    parts: list[tuple[Points, float]] = []
     for s in (-1, 1):
         t = np.linspace(0, 1, 14)
         x = g.cx + s * (0.03 + t * (g.W + 0.03))
         y = g.clav_y + 0.025 - 0.055 * t + 0.012 * np.sin(2 * np.pi * t)
         pts = np.stack([x, y], 1)
-        brk = g.clav_break.get(s)
-        if brk is None:
-            _polyline(c, c.bone, pts, 0.026, 0.1, blur=0.003)
+        if s not in g.clav_break:
+            parts.append((pts, 0.026))
             continue
-        tb, gap, step = brk
+        tb, gap, step = g.clav_break[s]  # medial and displaced lateral fragments
         i = int(tb * 13)
-        med, lat = pts[: i + 1].copy(), pts[i + 1:].copy()
-        lat[:, 1] += step
-        lat[:, 0] += s * gap
-        _polyline(c, c.bone, med, 0.026, 0.1, blur=0.003)
-        _polyline(c, c.bone, lat, 0.026, 0.1, blur=0.003)
+        lateral = pts[i + 1:] + np.array([s * gap, step])
+        parts += [(pts[: i + 1], 0.026), (lateral, 0.026)]
+    _lines(c, c.bone, parts, 0.1, blur=0.003)
 
 
 def _base_lateral(c: _Ctx, rng: np.random.Generator) -> None:
@@ -869,8 +864,9 @@ def _base_lateral(c: _Ctx, rng: np.random.Generator) -> None:
     e = _edge(c, 0.006)
     mid, half = 0.5 * (g.ant + g.post), 0.5 * (g.post - g.ant)
     top = 0.05 * _smooth((g.apex + 0.1 - Y) / 0.2)  # shoulders widen the top
+    back = _lat_spine_x(g, Y) - _lat_spine_x(g, g.apex + 0.3)  # the back follows the spine
     dx = X - mid
-    body = _ramp(half + 0.035 + top - np.abs(dx), e * 4)
+    body = _ramp(half + 0.035 + top - np.abs(dx), e * 4) * _ramp(g.post + 0.04 + back - X, e * 4)
     thick = np.sqrt(np.clip(1 - (dx / (half + 0.12)) ** 2, 0, 1))
     dia = _dia(g, X)
     tissue = g.soft * (0.55 + 0.45 * thick) * (0.94 + 0.12 * _tex(c, "cloud", slice(0, c.h),
@@ -940,7 +936,7 @@ def _spine_lateral(c: _Ctx) -> None:
     body = _ramp(hw - np.abs(d), _edge(c, 0.004)) * _ramp(h / 2 - np.abs(f - h / 2), 0.08)
     post = np.exp(-(((d - 0.065) / 0.016) ** 2) - ((f - 0.45) / 0.3) ** 2)
     fade = 1 - 0.35 * _smooth((Y - g.apex - 0.1) / 0.5)  # lower spine looks darker
-    c.bone[rs, cs] += (0.08 * body + 0.04 * post) * fade
+    c.bone[rs, cs] += (0.1 * body + 0.04 * post) * fade
 
 
 # --------------------------------------------------------------------------------------
@@ -1165,16 +1161,22 @@ def _consolidation(c: _Ctx) -> None:
         _patch(c, x, y, 0.1, amp, sharp=0.6, tex_mix=0.3)
         return
     side, lobe = c.side(0.6), int(c.rng.integers(3))  # upper, middle/lingula, lower
-    fis = g.hila[0][1] - 0.01 if side < 0 else g.hila[1][1] + 0.02
-    if lobe == 0:
-        y0, y1 = g.apex - 0.02, fis
-    elif lobe == 1:
-        y0, y1 = fis, fis + 0.14
-    else:
-        y0, y1 = fis + c.u(0.06, 0.12), _dia_side(g, side) + 0.08
-    xa, xb = sorted((g.cx + side * 0.02, g.cx + side * g.W * 1.05))
-    pts = np.array([(xa, y0), (xb, y0), (xb, y1), (xa, y1)])
-    _polygon(c, c.occ, pts, amp, blur=0.005, texture="cloud", tex_mix=0.25)
+    fis = g.hila[0][1] - 0.01 if side < 0 else g.hila[1][1] + 0.02  # minor-fissure level
+    dia = _dia_side(g, side)
+    med, lat = g.cx + side * 0.02, g.cx + side * g.W * 1.05
+    if lobe == 0:  # upper lobe: sharp lower border along the fissure (right side)
+        pts = [(med, g.apex - 0.02), (lat, g.apex - 0.02), (lat, fis), (med, fis)]
+        blur = 0.004 if side < 0 else 0.012
+        y0, y1 = g.apex, fis
+    elif lobe == 1:  # middle lobe / lingula: against the heart border, oblique lower margin
+        mid = g.cx + side * 0.55 * g.W
+        pts = [(med, fis), (lat, fis), (lat, fis + 0.06), (mid, dia + 0.02), (med, dia + 0.02)]
+        blur, y0, y1 = 0.008, fis, dia
+    else:  # lower lobe: ill-defined upper margin, fills the base
+        top = fis + c.u(0.04, 0.1)
+        pts = [(med, top), (lat, top + 0.08), (lat, dia + 0.1), (med, dia + 0.1)]
+        blur, y0, y1 = 0.015, top, dia
+    _polygon(c, c.occ, np.array(pts), amp, blur=blur, texture="cloud", tex_mix=0.25)
     hx, hy = g.hila[0 if side < 0 else 1]  # air bronchograms: dark branches inside
     zf = (0.5 * (y0 + y1) - g.apex) / (_dia_side(g, side) - g.apex)
     for _ in range(3):
@@ -1411,7 +1413,7 @@ def _pleural_effusion(c: _Ctx) -> None:
             return
         rs, cs, X, Y = win
         rise = 0.1 * _smooth((X - lx + 0.3 * lrx) / (1.3 * lrx)) ** 2
-        m = _smooth((Y - (level - rise)) / _edge(c, 0.03))
+        m = _smooth((Y - (level - rise)) / _edge(c, 0.03)) * _ramp(X - lx + 0.2 * lrx, 0.15)
         c.occ[rs, cs] += amp * m
         c.dens[rs, cs] += 0.04 * m * c.lung[rs, cs]
         return
@@ -1669,7 +1671,7 @@ def _osteopenia(g: _Geo, rng: np.random.Generator) -> None:
 def _scoliosis(g: _Geo, rng: np.random.Generator) -> None:
     """Lateral curvature of the spine on the frontal view (C- or S-shaped)."""
     if g.view == "frontal":
-        g.spine_amp = rng.uniform(0.035, 0.065) * rng.choice([-1, 1])
+        g.spine_amp = rng.uniform(0.04, 0.07) * rng.choice([-1, 1])
         g.spine_waves = 0.5 if rng.uniform() < 0.5 else 1.0
         g.spine_phase = rng.uniform(-0.3, 0.3)
 
@@ -1903,8 +1905,16 @@ def _blur3(a: np.ndarray, k: float) -> np.ndarray:
 def _finish(c: _Ctx, anatomy: Anatomy, rng: np.random.Generator) -> np.ndarray:
     """Compose layers; apply position jitter, detector noise, blur and an exposure curve."""
     g, h, w = c.geo, c.h, c.w
-    free = 1.0 - np.clip(c.occ, 0.0, 1.0)
-    dens = c.dens + (c.vessel * g.markings - c.air) * free + c.bone * g.bone_scale
+    # dens + (markings - air) * (1 - occ) + bone, computed in place (the layers are done)
+    free = np.clip(c.occ, 0.0, 1.0, out=c.occ)
+    np.subtract(1.0, free, out=free)
+    dens = c.vessel
+    dens *= g.markings
+    dens -= c.air
+    dens *= free
+    dens += c.dens
+    c.bone *= g.bone_scale
+    dens += c.bone
     dens += (rng.uniform(-0.06, 0.06) * (c.bank.y - 0.5)).astype(np.float32)  # heel effect
     ang = math.radians(anatomy.rotation + rng.normal(0.0, 1.5))
     sc = rng.uniform(0.93, 1.07)
@@ -1914,7 +1924,7 @@ def _finish(c: _Ctx, anatomy: Anatomy, rng: np.random.Generator) -> np.ndarray:
     coeffs = (ca, sa, cx0 - ca * (cx0 + tx) - sa * (cy0 + ty),
               -sa, ca, cy0 + sa * (cx0 + tx) - ca * (cy0 + ty))
     pad = max(h, w) // 8  # edge-padded so that rotation never exposes empty corners
-    padded = np.pad(dens.astype(np.float32), pad, mode="edge")
+    padded = np.pad(dens, pad, mode="edge")
     coeffs = (*coeffs[:2], coeffs[2] + pad, *coeffs[3:5], coeffs[5] + pad)
     img = Image.fromarray(padded, mode="F").transform(
         (w, h), Image.Transform.AFFINE, coeffs, Image.Resampling.BILINEAR)
@@ -1923,7 +1933,10 @@ def _finish(c: _Ctx, anatomy: Anatomy, rng: np.random.Generator) -> np.ndarray:
     oy = int(rng.integers(0, bank.shape[0] - h + 1))
     ox = int(rng.integers(0, bank.shape[1] - w + 1))
     sigma = rng.uniform(0.006, 0.016) * (1 if rng.uniform() < 0.5 else -1)
-    dens = dens + bank[oy: oy + h, ox: ox + w] * (sigma * (0.5 + dens))  # quantum noise
+    noise = dens + 0.5  # quantum noise, stronger where the signal is
+    noise *= bank[oy: oy + h, ox: ox + w]
+    noise *= sigma
+    dens = dens + noise
     dens = _blur3(dens, rng.uniform(0.08, 0.3) * min(h, w) / 320)
     # exposure: window, film-like shoulder (compresses dense regions) and gamma
     lo, hi = rng.uniform(-0.02, 0.05), rng.uniform(0.85, 1.0)
@@ -1931,8 +1944,9 @@ def _finish(c: _Ctx, anatomy: Anatomy, rng: np.random.Generator) -> np.ndarray:
     d = np.clip((np.linspace(0, _D_MAX, _LUT_SIZE) - lo) / (hi - lo), 0, None)
     curve = np.clip((1 - np.exp(-k * d)) / (1 - math.exp(-k)), 0, 1) ** gamma
     lut = (255.0 * curve + 0.5).astype(np.uint8)
-    idx = np.clip(dens * ((_LUT_SIZE - 1) / _D_MAX), 0, _LUT_SIZE - 1).astype(np.uint16)
-    return np.take(lut, idx)
+    dens *= (_LUT_SIZE - 1) / _D_MAX
+    np.clip(dens, 0, _LUT_SIZE - 1, out=dens)
+    return np.take(lut, dens.astype(np.uint16))
 
 
 def render(findings: Collection[str], view: str, anatomy: Anatomy, rng: np.random.Generator,
