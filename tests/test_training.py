@@ -1,0 +1,74 @@
+"""Training: deterministic for a seed on CPU, checkpoint round trip, unknown labels tolerated."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from cxrlt.data.cache import ImageCache, build_cache
+from cxrlt.data.mimic import read_cxrlt
+from cxrlt.data.splits import patient_val_split
+from cxrlt.inference import load_checkpoint, predict
+from cxrlt.labels import TASK1_CLASSES
+from cxrlt.training.fit import fit
+
+CLASSES = list(TASK1_CLASSES)
+
+
+@pytest.fixture(scope="module")
+def prepared(tiny_synth: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[pd.DataFrame, Path]:
+    df = read_cxrlt(tiny_synth / "cxr-lt-2024", tiny_synth / "mimic-cxr-jpg", "task1")
+    df["split"] = patient_val_split(df, CLASSES, 0.2, seed=0)
+    cache_dir = tmp_path_factory.mktemp("cache") / "mimic"
+    build_cache(df, cache_dir, 40, workers=1, progress=False)
+    return df, cache_dir
+
+
+def _params(loss: str = "bce") -> dict:
+    return {
+        "seed": 7, "loss": loss, "losses": {"asl": {"gamma_neg": 2.0}},
+        "model": {"backbone": "mobilenetv3_small_050", "pretrained": False, "head": "linear"},
+        "train": {"epochs": 1, "batch_size": 16, "progress_bar": False, "limit_train_batches": 4,
+                  "optim": {"lr": 0.003}},
+    }  # fmt: skip
+
+
+def test_same_seed_same_weights_and_predictions(prepared, tmp_path: Path):
+    df, cache_dir = prepared
+    fit(df, CLASSES, cache_dir, _params(), tmp_path / "a.pt")
+    fit(df, CLASSES, cache_dir, _params(), tmp_path / "b.pt")
+    a = torch.load(tmp_path / "a.pt", weights_only=False)
+    b = torch.load(tmp_path / "b.pt", weights_only=False)
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for k in a["state_dict"]:
+        torch.testing.assert_close(a["state_dict"][k], b["state_dict"][k], rtol=0, atol=0)
+    model, info = load_checkpoint(tmp_path / "a.pt")
+    assert info["classes"] == CLASSES and info["n_train_images"] == int((df["split"] == "train").sum())
+    test_ids = df.loc[df["split"] == "test", "image_id"]
+    p = predict(model, ImageCache(cache_dir), test_ids, batch_size=7)
+    p_big = predict(model, ImageCache(cache_dir), test_ids, batch_size=64)
+    np.testing.assert_allclose(p, p_big, rtol=1e-5, atol=1e-6)  # batch composition does not matter
+    assert p.shape == (len(test_ids), len(CLASSES)) and ((p > 0) & (p < 1)).all()
+
+
+def test_unknown_labels_and_another_loss_train(prepared, tmp_path: Path):
+    df, cache_dir = prepared
+    df = df.copy()
+    df.loc[df.index[::3], CLASSES[:10]] = np.nan  # a source that does not annotate some classes
+    info = fit(df, CLASSES, cache_dir, _params("asl"), tmp_path / "c.pt")
+    assert info["loss"] == "asl" and info["val_mAP"] is not None
+    assert np.isfinite(info["train_counts"]).all()
+
+
+def test_checkpoint_must_match_exactly(prepared, tmp_path: Path):
+    df, cache_dir = prepared
+    fit(df, CLASSES, cache_dir, _params(), tmp_path / "d.pt")
+    ckpt = torch.load(tmp_path / "d.pt", weights_only=False)
+    ckpt["state_dict"].pop(next(iter(ckpt["state_dict"])))
+    torch.save(ckpt, tmp_path / "broken.pt")
+    with pytest.raises(RuntimeError, match="Missing key"):
+        load_checkpoint(tmp_path / "broken.pt")
