@@ -31,3 +31,4 @@ lint: setup
 bench: setup
 	$(PY) bench/bench_metrics.py
 	$(PY) bench/bench_cache.py
+	$(PY) bench/bench_train.py

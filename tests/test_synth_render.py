@@ -28,8 +28,12 @@ def _anatomy(seed: int) -> sr.Anatomy:
     return sample_anatomy(np.random.default_rng(1000 + seed))
 
 
-def _img(findings, view: str = "frontal", seed: int = 0, size: tuple[int, int] = (SIZE, SIZE),
-         ) -> np.ndarray:
+def _img(
+    findings,
+    view: str = "frontal",
+    seed: int = 0,
+    size: tuple[int, int] = (SIZE, SIZE),
+) -> np.ndarray:
     return render(findings, view, _anatomy(seed), np.random.default_rng(seed), *size)
 
 
@@ -136,10 +140,30 @@ FRONTAL_REGION: dict[str, list[tuple[float, float, float, float]]] = {
     "Support Devices": [(0.0, 1.0, 0.0, 1.0)], "Fracture": [(0.0, 1.0, 0.0, 1.0)],
     "Osteopenia": [(0.0, 1.0, 0.0, 1.0)], "Emphysema": [(0.0, 1.0, 0.0, 1.0)],
 }  # fmt: skip
-BRIGHTER = {"Lung Opacity", "Pneumonia", "Consolidation", "Pleural Effusion", "Mass", "Nodule",
-            "Edema", "Granuloma", "Cardiomegaly", "Atelectasis", "Calcification of the Aorta"}
-DARKER = {"Pneumothorax", "Pneumoperitoneum", "Subcutaneous Emphysema", "Bulla", "Emphysema",
-          "Osteopenia", "Hernia", "Pneumomediastinum", "Clavicle Fracture"}
+BRIGHTER = {
+    "Lung Opacity",
+    "Pneumonia",
+    "Consolidation",
+    "Pleural Effusion",
+    "Mass",
+    "Nodule",
+    "Edema",
+    "Granuloma",
+    "Cardiomegaly",
+    "Atelectasis",
+    "Calcification of the Aorta",
+}
+DARKER = {
+    "Pneumothorax",
+    "Pneumoperitoneum",
+    "Subcutaneous Emphysema",
+    "Bulla",
+    "Emphysema",
+    "Osteopenia",
+    "Hernia",
+    "Pneumomediastinum",
+    "Clavicle Fracture",
+}
 
 
 @pytest.mark.parametrize("finding", [f for f in FINDINGS if f not in ("Normal", "Kyphosis")])
@@ -161,7 +185,7 @@ def test_pneumoperitoneum_darkens_the_abdomen_under_the_diaphragm():
     for seed in SEEDS:
         base = _img([], seed=seed).astype(float)
         d = _diff("Pneumoperitoneum", seed=seed)
-        lung_level = np.percentile(base[SIZE // 4: SIZE // 2], 20)  # typical lung grey
+        lung_level = np.percentile(base[SIZE // 4 : SIZE // 2], 20)  # typical lung grey
         assert np.average(base, weights=np.abs(d)) > lung_level + 40
         assert _share_inside(d, [(0.1, 0.9, 0.5, 1.0)]) >= 0.95
 
@@ -209,9 +233,15 @@ def test_mass_is_larger_than_nodule():
     assert area("Mass") > 2 * area("Nodule") > 0
 
 
-def test_conspicuity_scales_a_finding(monkeypatch):
-    base = _energy("Lung Opacity", seeds=[0])
-    monkeypatch.setitem(sr.CONSPICUITY, "Lung Opacity", 0.0)
-    assert np.array_equal(_img(["Lung Opacity"]), _img([]))
-    monkeypatch.setitem(sr.CONSPICUITY, "Lung Opacity", 0.5)
-    assert 0 < _energy("Lung Opacity", seeds=[0]) < base
+@pytest.mark.parametrize("finding", [f for f in FINDINGS if f != "Normal"])
+def test_zero_conspicuity_switches_a_finding_off(monkeypatch, finding):
+    monkeypatch.setitem(sr.CONSPICUITY, finding, 0.0)
+    view = "lateral" if finding == "Kyphosis" else "frontal"
+    assert np.array_equal(_img([finding], view), _img([], view))
+
+
+@pytest.mark.parametrize("finding", ["Lung Opacity", "Cardiomegaly", "Rib Fracture"])
+def test_conspicuity_scales_a_finding(monkeypatch, finding):
+    full = _energy(finding, seeds=[0])
+    monkeypatch.setitem(sr.CONSPICUITY, finding, 0.5)
+    assert 0 < _energy(finding, seeds=[0]) < full

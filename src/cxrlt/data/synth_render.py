@@ -25,15 +25,19 @@ differs only where that finding draws. Coordinates are normalised: ``x`` in [0, 
 image's left (the patient's right on a frontal view) and ``y`` in [0, 1] from the top. On the
 lateral view the patient faces left: anterior is the image's left.
 
-Difficulty: contrast ranges live in each finding's function (head classes bold, tail classes
-faint and small) and can be scaled per finding through :data:`CONSPICUITY` (1.0 = as designed).
+Difficulty: contrast and size ranges live in each finding's function (head classes bold and
+large, tail classes faint and small). :data:`CONSPICUITY` scales a finding's strength without
+code changes: 1.0 as designed, 0 draws nothing, 0.5 half the contrast (geometry changes such
+as heart size are interpolated). Each view of a study is rendered independently, so a finding
+may take a different instance (side, place) on the frontal and the lateral image.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -60,7 +64,8 @@ LATERAL_VISIBLE: frozenset[str] = frozenset({
     "Osteopenia",
 })  # fmt: skip
 
-# Contrast multiplier per finding (1.0 = as designed); lower it to make a class harder.
+# Strength multiplier per finding (1.0 = as designed, 0 = invisible); lower it to make a class
+# harder. Read at render time, so it can be changed between calls.
 CONSPICUITY: dict[str, float] = {name: 1.0 for name in FINDINGS}
 
 _SS = 4  # supersampling factor of rasterised primitives (anti-aliasing)
@@ -145,7 +150,10 @@ class _Geo:
     rib_s: float = 0.05
     rib_n: int = 10
     clav_y: float = 0.16
-    clav_break: dict[int, tuple[float, float, float]] = field(default_factory=dict)
+    clav_side: int = 0  # broken clavicle: -1 / +1, 0 none
+    clav_t: float = 0.5  # where along it (0 sternal end, 1 shoulder)
+    clav_gap: float = 0.0
+    clav_step: float = 0.0
     bone_scale: float = 1.0
     air: float = 0.3
     markings: float = 0.1
@@ -163,6 +171,7 @@ class _Geo:
     kyph: float = 0.02
     wedge: float = 0.0  # anterior wedging of mid-thoracic vertebrae (kyphosis)
     compress: int = -1  # index of a compressed vertebra (fracture), -1 none
+    compress_depth: float = 0.0  # its loss of anterior height
 
 
 def _frontal_geo(an: Anatomy, rng: np.random.Generator) -> _Geo:
@@ -265,8 +274,14 @@ def _vessel_tree(h: int, w: int, pad: int, rng: np.random.Generator) -> np.ndarr
         if depth == 0:
             return
         for sign in (-1, 1):
-            grow(x2, y2, ang2 + sign * rng.uniform(0.2, 0.5), length * rng.uniform(0.65, 0.85),
-                 width * rng.uniform(0.6, 0.75), depth - 1)
+            grow(
+                x2,
+                y2,
+                ang2 + sign * rng.uniform(0.2, 0.5),
+                length * rng.uniform(0.65, 0.85),
+                width * rng.uniform(0.6, 0.75),
+                depth - 1,
+            )
 
     for side, (hx, hy) in ((-1, (0.4, 0.43)), (1, (0.6, 0.41))):
         for a in np.linspace(-1.25, 1.45, 7) + rng.uniform(-0.15, 0.15, 7):
@@ -274,9 +289,11 @@ def _vessel_tree(h: int, w: int, pad: int, rng: np.random.Generator) -> np.ndarr
             grow(hx, hy, ang, rng.uniform(0.04, 0.06), rng.uniform(0.011, 0.015), 5)
     wmax = max(seg[4] for seg in segs)
     for x1, y1, x2, y2, wd in sorted(segs, key=lambda seg: seg[4]):
-        draw.line([((x1 * w + pad) * s, (y1 * h + pad) * s),
-                   ((x2 * w + pad) * s, (y2 * h + pad) * s)],
-                  fill=int(70 + 185 * wd / wmax), width=max(1, round(wd * w * s)))
+        draw.line(
+            [((x1 * w + pad) * s, (y1 * h + pad) * s), ((x2 * w + pad) * s, (y2 * h + pad) * s)],
+            fill=int(70 + 185 * wd / wmax),
+            width=max(1, round(wd * w * s)),
+        )
     arr = np.asarray(img.reduce(s), dtype=np.float32) / 255.0
     return ndimage.gaussian_filter(arr, 0.6 * w / 320).astype(np.float32)
 
@@ -293,17 +310,18 @@ def _bank(h: int, w: int) -> _Bank:
     for _ in range(3):
         n = ndimage.gaussian_filter(rng.standard_normal((th, tw)).astype(np.float32), 7 * scale)
         n /= n.std()
-        m = ndimage.gaussian_filter(rng.standard_normal((th, tw)).astype(np.float32),
-                                    2.0 * scale)
+        m = ndimage.gaussian_filter(rng.standard_normal((th, tw)).astype(np.float32), 2.0 * scale)
         n += 0.6 * m / m.std()
         n = (n - n.min()) / (n.max() - n.min())
         clouds.append(n.astype(np.float32))
-        b = ndimage.gaussian_filter(rng.standard_normal((th, tw)).astype(np.float32),
-                                    max(2.6 * scale, 0.9))
+        b = ndimage.gaussian_filter(
+            rng.standard_normal((th, tw)).astype(np.float32), max(2.6 * scale, 0.9)
+        )
         b /= b.std()
         nets.append(np.exp(-((b / 0.35) ** 2)).astype(np.float32))  # zero-crossing net
-    noise = tuple(rng.standard_normal((h + h // 4, w + w // 4)).astype(np.float32)
-                  for _ in range(3))
+    noise = tuple(
+        rng.standard_normal((h + h // 4, w + w // 4)).astype(np.float32) for _ in range(3)
+    )
     vpad = max(h, w) // 8
     vessels = tuple(_vessel_tree(h, w, vpad, rng) for _ in range(6))
     for arr in (x, y, *clouds, *nets, *noise, *vessels):
@@ -382,12 +400,24 @@ def _tex(c: _Ctx, kind: str, rs: slice, cs: slice) -> np.ndarray:
     arr = bank[int(c.rng.integers(len(bank)))]
     oy = int(c.rng.integers(0, arr.shape[0] - c.h + 1))
     ox = int(c.rng.integers(0, arr.shape[1] - c.w + 1))
-    return arr[oy + rs.start: oy + rs.stop, ox + cs.start: ox + cs.stop]
+    return arr[oy + rs.start : oy + rs.stop, ox + cs.start : ox + cs.stop]
 
 
-def _ellipse(c: _Ctx, layer: np.ndarray, cx: float, cy: float, rx: float, ry: float,
-             amp: float, *, angle: float = 0.0, edge: float = 0.15, dome: float = 0.0,
-             texture: str | None = None, tex_mix: float = 0.5) -> None:
+def _ellipse(
+    c: _Ctx,
+    layer: np.ndarray,
+    cx: float,
+    cy: float,
+    rx: float,
+    ry: float,
+    amp: float,
+    *,
+    angle: float = 0.0,
+    edge: float = 0.15,
+    dome: float = 0.0,
+    texture: str | None = None,
+    tex_mix: float = 0.5,
+) -> None:
     """Soft ellipse added to a layer: dome=1 is an ellipsoid's projection (dense centre,
     sharp rim), dome=0 a flat disc; `edge` is the soft margin as a fraction of the radius."""
     r = max(rx, ry) * (1 + edge)
@@ -409,8 +439,9 @@ def _ellipse(c: _Ctx, layer: np.ndarray, cx: float, cy: float, rx: float, ry: fl
 Paint = Callable[[ImageDraw.ImageDraw, Callable[[float, float], tuple[float, float]]], None]
 
 
-def _raster(c: _Ctx, box: tuple[float, float, float, float], blur: float,
-            paint: Paint) -> tuple[slice, slice, np.ndarray] | None:
+def _raster(
+    c: _Ctx, box: tuple[float, float, float, float], blur: float, paint: Paint
+) -> tuple[slice, slice, np.ndarray] | None:
     """Rasterise PIL drawing commands in a window with supersampling; returns a [0, 1] mask.
 
     `blur` is a Gaussian sigma in normalised units; the window is padded to hold it. A wide
@@ -438,14 +469,20 @@ def _raster(c: _Ctx, box: tuple[float, float, float, float], blur: float,
     if sigma > 0.4:
         mask = ndimage.gaussian_filter(mask, sigma * nn / n, mode="constant", truncate=3.0)
     if down > 1.0:
-        mask = np.asarray(Image.fromarray(mask, mode="F").resize(
-            (n, m), Image.Resampling.BILINEAR), dtype=np.float32)
+        mask = np.asarray(
+            Image.fromarray(mask, mode="F").resize((n, m), Image.Resampling.BILINEAR),
+            dtype=np.float32,
+        )
     return rs, cs, mask
 
 
 def _bounds(pts: np.ndarray, margin: float) -> tuple[float, float, float, float]:
-    return (float(pts[:, 0].min() - margin), float(pts[:, 0].max() + margin),
-            float(pts[:, 1].min() - margin), float(pts[:, 1].max() + margin))
+    return (
+        float(pts[:, 0].min() - margin),
+        float(pts[:, 0].max() + margin),
+        float(pts[:, 1].min() - margin),
+        float(pts[:, 1].max() + margin),
+    )
 
 
 Layer = np.ndarray | Sequence[tuple[np.ndarray, float]]  # one layer, or (layer, weight) pairs
@@ -461,8 +498,9 @@ def _stamp(layer: Layer, amp: float, rs: slice, cs: slice, mask: np.ndarray) -> 
             arr[rs, cs] += (amp * weight) * mask
 
 
-def _lines(c: _Ctx, layer: Layer, lines: Sequence[tuple[Points, float]], amp: float, *,
-           blur: float = 0.0) -> None:
+def _lines(
+    c: _Ctx, layer: Layer, lines: Sequence[tuple[Points, float]], amp: float, *, blur: float = 0.0
+) -> None:
     """Several polylines [(points, width), ...] rasterised together and added to a layer."""
     arrs = [(np.asarray(p, dtype=np.float64), wd) for p, wd in lines]
 
@@ -477,14 +515,23 @@ def _lines(c: _Ctx, layer: Layer, lines: Sequence[tuple[Points, float]], amp: fl
         _stamp(layer, amp, *out)
 
 
-def _polyline(c: _Ctx, layer: Layer, pts: Points, width: float, amp: float, *,
-              blur: float = 0.0) -> None:
+def _polyline(
+    c: _Ctx, layer: Layer, pts: Points, width: float, amp: float, *, blur: float = 0.0
+) -> None:
     """A line of a given width (normalised) through points, added to a layer."""
     _lines(c, layer, [(pts, width)], amp, blur=blur)
 
 
-def _polygon(c: _Ctx, layer: Layer, pts: np.ndarray, amp: float, *, blur: float = 0.0,
-             texture: str | None = None, tex_mix: float = 0.5) -> None:
+def _polygon(
+    c: _Ctx,
+    layer: Layer,
+    pts: np.ndarray,
+    amp: float,
+    *,
+    blur: float = 0.0,
+    texture: str | None = None,
+    tex_mix: float = 0.5,
+) -> None:
     """A filled polygon (soft-edged by `blur`), optionally textured."""
     pts = np.asarray(pts, dtype=np.float64)
 
@@ -500,8 +547,17 @@ def _polygon(c: _Ctx, layer: Layer, pts: np.ndarray, amp: float, *, blur: float 
     _stamp(layer, amp, rs, cs, mask)
 
 
-def _ring(c: _Ctx, layer: np.ndarray, cx: float, cy: float, r: float, width: float,
-          amp: float, *, blur: float = 0.0) -> None:
+def _ring(
+    c: _Ctx,
+    layer: np.ndarray,
+    cx: float,
+    cy: float,
+    r: float,
+    width: float,
+    amp: float,
+    *,
+    blur: float = 0.0,
+) -> None:
     """A thin circle (wall of a cavity or bulla, a wire loop, an electrode)."""
     ry = r * c.w / c.h
 
@@ -517,8 +573,39 @@ def _ring(c: _Ctx, layer: np.ndarray, cx: float, cy: float, r: float, width: flo
         layer[rs, cs] += amp * mask
 
 
-def _blob_pts(c: _Ctx, cx: float, cy: float, r: float, lobes: float, *, aspect: float = 1.0,
-              spikes: int = 0, n: int = 40) -> np.ndarray:
+def _dots(
+    c: _Ctx,
+    layer: Layer,
+    dots: Sequence[tuple[float, float, float]],
+    amp: float,
+    *,
+    blur: float = 0.0,
+) -> None:
+    """Many small round opacities [(x, y, r), ...] rasterised together (nodules, nodes)."""
+    arr = np.asarray(dots, dtype=np.float64)
+
+    def paint(d: ImageDraw.ImageDraw, px: Callable) -> None:
+        for x, y, r in arr:
+            ry = r * c.w / c.h
+            d.ellipse([*px(x - r, y - ry), *px(x + r, y + ry)], fill=255)
+
+    rmax = float(arr[:, 2].max())
+    out = _raster(c, _bounds(arr[:, :2], rmax * max(1.0, c.w / c.h)), blur, paint)
+    if out is not None:
+        _stamp(layer, amp, *out)
+
+
+def _blob_pts(
+    c: _Ctx,
+    cx: float,
+    cy: float,
+    r: float,
+    lobes: float,
+    *,
+    aspect: float = 1.0,
+    spikes: int = 0,
+    n: int = 40,
+) -> np.ndarray:
     """Outline of an irregular, lobulated (optionally spiculated) round shape."""
     th = np.linspace(0, 2 * np.pi, n, endpoint=False)
     rad = np.ones(n)
@@ -531,20 +618,39 @@ def _blob_pts(c: _Ctx, cx: float, cy: float, r: float, lobes: float, *, aspect: 
     return np.stack([cx + rad * np.cos(th) * aspect * c.h / c.w, cy + rad * np.sin(th)], axis=1)
 
 
-def _blob(c: _Ctx, layer: np.ndarray, cx: float, cy: float, r: float, amp: float, *,
-          lobes: float = 0.1, blur: float = 0.2, dome: float = 0.5, spikes: int = 0,
-          aspect: float = 1.0, texture: str | None = None, tex_mix: float = 0.5) -> None:
+def _blob(
+    c: _Ctx,
+    layer: np.ndarray,
+    cx: float,
+    cy: float,
+    r: float,
+    amp: float,
+    *,
+    lobes: float = 0.1,
+    blur: float = 0.2,
+    dome: float = 0.5,
+    spikes: int = 0,
+    aspect: float = 1.0,
+    texture: str | None = None,
+    tex_mix: float = 0.5,
+) -> None:
     """A round opacity with a lobulated outline; `blur` (relative to r) sets margin sharpness,
     `dome` the share of a dense centre."""
     pts = _blob_pts(c, cx, cy, r, lobes, aspect=aspect, spikes=spikes)
     if dome > 0:
-        _ellipse(c, layer, cx, cy, r * aspect * c.h / c.w * 0.9, r * 0.9, amp * dome,
-                 edge=0.6, dome=1.0)
+        _ellipse(
+            c, layer, cx, cy, r * aspect * c.h / c.w * 0.9, r * 0.9, amp * dome, edge=0.6, dome=1.0
+        )
     _polygon(c, layer, pts, amp * (1 - dome), blur=blur * r, texture=texture, tex_mix=tex_mix)
 
 
-def _scale_region(c: _Ctx, layer: np.ndarray, box: tuple[float, float, float, float],
-                  mask_fn: Callable[[np.ndarray, np.ndarray], np.ndarray], factor: float) -> None:
+def _scale_region(
+    c: _Ctx,
+    layer: np.ndarray,
+    box: tuple[float, float, float, float],
+    mask_fn: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    factor: float,
+) -> None:
     """Multiply a layer by `factor` where mask_fn(X, Y) is 1 (e.g. remove lung markings)."""
     win = _win(c, *box)
     if win is None:
@@ -692,16 +798,22 @@ def _base_frontal(c: _Ctx, rng: np.random.Generator) -> None:
     # body: neck, sloping rounded shoulders, chest wall, slightly narrower abdomen
     neck = 0.085
     reach = g.body_w + 0.11
-    shoulder_top = (g.apex - 0.13 + 0.3 * np.maximum(adx - neck, 0) ** 1.3
-                    + 0.3 * _smooth((adx - reach + 0.08) / 0.12))
+    shoulder_top = (
+        g.apex
+        - 0.13
+        + 0.3 * np.maximum(adx - neck, 0) ** 1.3
+        + 0.3 * _smooth((adx - reach + 0.08) / 0.12)
+    )
     shoulder_top = np.where(adx < neck, -1.0, shoulder_top)
-    wall = g.body_w + 0.11 * (1 - _smooth((Y - g.apex) / 0.2)) - 0.03 * _smooth(
-        (Y - g.dia_r) / 0.3)
+    wall = g.body_w + 0.11 * (1 - _smooth((Y - g.apex) / 0.2)) - 0.03 * _smooth((Y - g.dia_r) / 0.3)
     body = _ramp(wall - adx, e * 4) * _ramp(Y - shoulder_top, e * 4)
     thick = np.sqrt(np.clip(1.0 - (adx / (wall + 0.05)) ** 2, 0, 1))
     dia = _dia(g, X)
-    tissue = g.soft * (0.4 + 0.6 * thick) * (0.94 + 0.12 * _tex(c, "cloud", slice(0, c.h),
-                                                                slice(0, c.w)))
+    tissue = (
+        g.soft
+        * (0.4 + 0.6 * thick)
+        * (0.94 + 0.12 * _tex(c, "cloud", slice(0, c.h), slice(0, c.w)))
+    )
     c.dens += body * (tissue + 0.06 * _ramp(Y - dia - 0.01, 0.04))
     if g.arms > 0.5:  # arms hanging beside the chest
         a0 = g.body_w + 0.02 + 0.04 * (g.arms - 0.5)
@@ -718,28 +830,42 @@ def _base_frontal(c: _Ctx, rng: np.random.Generator) -> None:
         for s in (-1, 1):
             _breast(c, g.cx + s * 0.7 * g.W, g.dia_r + 0.03, 0.55 * g.W, 0.15, g.breast)
     if g.gastric:
-        _ellipse(c, c.dens, g.cx + 0.5 * g.W, g.dia_l + 0.05, 0.05, 0.03, -g.gastric,
-                 edge=0.4, dome=0.6)
+        _ellipse(
+            c, c.dens, g.cx + 0.5 * g.W, g.dia_l + 0.05, 0.05, 0.03, -g.gastric, edge=0.4, dome=0.6
+        )
     # mediastinum joined to the heart: displaces the lungs medially
     mw, (hx, hy, hrx, hry, tilt), (kx, ky, kr) = g.med_w, g.heart, g.knob
     top = g.apex - 0.12
-    pts = np.array([(g.cx - mw, top), (g.cx + mw, top), (g.cx + mw, ky),
-                    (g.cx + mw + 0.008, ky + 0.06), (hx + 0.5 * hrx, hy - 0.5 * hry),
-                    (hx - 0.8 * hrx, hy - 0.1 * hry), (g.cx - mw * 1.15, ky + 0.05)])
+    pts = np.array(
+        [
+            (g.cx - mw, top),
+            (g.cx + mw, top),
+            (g.cx + mw, ky),
+            (g.cx + mw + 0.008, ky + 0.06),
+            (hx + 0.5 * hrx, hy - 0.5 * hry),
+            (hx - 0.8 * hrx, hy - 0.1 * hry),
+            (g.cx - mw * 1.15, ky + 0.05),
+        ]
+    )
     _polygon(c, c.occ, pts, 1.0, blur=0.006)
     _ellipse(c, c.dens, g.cx, ky, 1.5 * mw, 0.25, 0.06, edge=0.5)
     kx += g.aorta_shift * 0.6
     _ellipse(c, c.occ, kx, ky, kr, kr * 1.15, 1.0, edge=0.15, dome=0.5)
     ay = np.linspace(ky, _dia_side(g, 1) - 0.02, 12)
     ramp_in = np.clip((ay - ky) / 0.1, 0, 1)
-    ax = (kx - 0.3 * kr + g.aorta_shift * ramp_in
-          + g.aorta_wave * np.sin((ay - ky) / 0.22 * 2 * np.pi) * ramp_in)
-    _polyline(c, [(c.occ, 1.0), (c.dens, 0.05)], np.stack([ax, ay], 1), 0.036, 0.5,
-              blur=0.003)
+    ax = (
+        kx
+        - 0.3 * kr
+        + g.aorta_shift * ramp_in
+        + g.aorta_wave * np.sin((ay - ky) / 0.22 * 2 * np.pi) * ramp_in
+    )
+    _polyline(c, [(c.occ, 1.0), (c.dens, 0.05)], np.stack([ax, ay], 1), 0.036, 0.5, blur=0.003)
     tx, carina = g.cx - 0.004, g.hila[0][1] - 0.08  # trachea and main bronchi: air columns
     airway = [([(tx, 0.0), (tx, g.apex), (tx - 0.005, carina)], 0.03)]
-    airway += [([(tx, carina), (0.5 * (tx + hlx), 0.5 * (carina + hly) - 0.01)], 0.018)
-               for hlx, hly in g.hila]
+    airway += [
+        ([(tx, carina), (0.5 * (tx + hlx), 0.5 * (carina + hly) - 0.01)], 0.018)
+        for hlx, hly in g.hila
+    ]
     _lines(c, c.dens, airway, -0.09, blur=0.005)
     _heart(c, hx, hy, hrx, hry, tilt)
     for i, (hlx, hly) in enumerate(g.hila):
@@ -752,8 +878,7 @@ def _base_frontal(c: _Ctx, rng: np.random.Generator) -> None:
     for s in (-1, 1):  # humeral heads and shafts
         hx_ = g.cx + s * (g.body_w + 0.1)
         _ellipse(c, c.bone, hx_, g.apex - 0.01, 0.065, 0.075, 0.16, edge=0.1, dome=0.6)
-        _ellipse(c, c.bone, hx_ + s * 0.01, g.apex + 0.25, 0.04, 0.25, 0.1, edge=0.15,
-                 dome=0.7)
+        _ellipse(c, c.bone, hx_ + s * 0.01, g.apex + 0.25, 0.04, 0.25, 0.1, edge=0.15, dome=0.7)
 
 
 def _breast(c: _Ctx, x: float, y: float, rx: float, ry: float, amp: float) -> None:
@@ -788,11 +913,10 @@ def _vessels(c: _Ctx, rng: np.random.Generator) -> None:
     arr = c.bank.vessels[int(rng.integers(len(c.bank.vessels)))]
     if rng.uniform() < 0.5:
         arr = arr[:, ::-1]
-    hx, hy = (g.hila[0] if c.lateral else
-              (g.cx, 0.5 * (g.hila[0][1] + g.hila[1][1])))
+    hx, hy = g.hila[0] if c.lateral else (g.cx, 0.5 * (g.hila[0][1] + g.hila[1][1]))
     oy = int(np.clip(p + round((0.42 - hy) * c.h), 0, 2 * p))
     ox = int(np.clip(p + round((0.5 - hx) * c.w), 0, 2 * p))
-    c.vessel += arr[oy: oy + c.h, ox: ox + c.w] * c.lung
+    c.vessel += arr[oy : oy + c.h, ox : ox + c.w] * c.lung
 
 
 def _spine_frontal(c: _Ctx) -> None:
@@ -820,8 +944,9 @@ def _spine_frontal(c: _Ctx) -> None:
 def _ribs_frontal(c: _Ctx) -> None:
     """All posterior and anterior ribs at once: a periodic profile along curved rib lines."""
     g = c.geo
-    win = _win(c, g.cx - 1.15 * g.W, g.cx + 1.15 * g.W, g.rib_y0 - 0.03,
-               g.rib_y0 + g.rib_s * (g.rib_n + 5))
+    win = _win(
+        c, g.cx - 1.15 * g.W, g.cx + 1.15 * g.W, g.rib_y0 - 0.03, g.rib_y0 + g.rib_s * (g.rib_n + 5)
+    )
     if win is None:
         return
     rs, cs, X, Y = win
@@ -848,12 +973,11 @@ def _clavicles(c: _Ctx) -> None:
         x = g.cx + s * (0.03 + t * (g.W + 0.03))
         y = g.clav_y + 0.025 - 0.055 * t + 0.012 * np.sin(2 * np.pi * t)
         pts = np.stack([x, y], 1)
-        if s not in g.clav_break:
+        if s != g.clav_side:
             parts.append((pts, 0.026))
             continue
-        tb, gap, step = g.clav_break[s]  # medial and displaced lateral fragments
-        i = int(tb * 13)
-        lateral = pts[i + 1:] + np.array([s * gap, step])
+        i = int(g.clav_t * 13)  # medial and displaced lateral fragments
+        lateral = pts[i + 1 :] + np.array([s * g.clav_gap, g.clav_step])
         parts += [(pts[: i + 1], 0.026), (lateral, 0.026)]
     _lines(c, c.bone, parts, 0.1, blur=0.003)
 
@@ -864,13 +988,16 @@ def _base_lateral(c: _Ctx, rng: np.random.Generator) -> None:
     e = _edge(c, 0.006)
     mid, half = 0.5 * (g.ant + g.post), 0.5 * (g.post - g.ant)
     top = 0.05 * _smooth((g.apex + 0.1 - Y) / 0.2)  # shoulders widen the top
-    back = _lat_spine_x(g, Y) - _lat_spine_x(g, g.apex + 0.3)  # the back follows the spine
+    back = 0.6 * (_lat_spine_x(g, Y) - _lat_spine_x(g, g.apex + 0.3))  # back follows spine
     dx = X - mid
     body = _ramp(half + 0.035 + top - np.abs(dx), e * 4) * _ramp(g.post + 0.04 + back - X, e * 4)
     thick = np.sqrt(np.clip(1 - (dx / (half + 0.12)) ** 2, 0, 1))
     dia = _dia(g, X)
-    tissue = g.soft * (0.55 + 0.45 * thick) * (0.94 + 0.12 * _tex(c, "cloud", slice(0, c.h),
-                                                                  slice(0, c.w)))
+    tissue = (
+        g.soft
+        * (0.55 + 0.45 * thick)
+        * (0.94 + 0.12 * _tex(c, "cloud", slice(0, c.h), slice(0, c.w)))
+    )
     c.dens += body * (tissue + 0.06 * _ramp(Y - dia - 0.01, 0.04))
     # arms and shoulders over the upper chest
     _ellipse(c, c.dens, mid - 0.05, g.apex - 0.02, 0.3, 0.14, 0.14, edge=0.8, dome=0.6)
@@ -886,19 +1013,50 @@ def _base_lateral(c: _Ctx, rng: np.random.Generator) -> None:
     _polyline(c, c.occ, np.stack([xs, _dia(g, xs) + 0.02], 1), 0.012, 0.3, blur=0.005)
     # trachea, aortic arch, hilum, heart, vessels
     hlx, hly = g.hila[0]
-    _polyline(c, c.dens, [(hlx - 0.07, 0.0), (hlx - 0.03, g.apex + 0.05), (hlx + 0.0, hly - 0.06)],
-              0.032, -0.08, blur=0.006)
+    _polyline(
+        c,
+        c.dens,
+        [(hlx - 0.07, 0.0), (hlx - 0.03, g.apex + 0.05), (hlx + 0.0, hly - 0.06)],
+        0.032,
+        -0.08,
+        blur=0.006,
+    )
     kx, ky, _ = g.knob
-    arch = [(kx - 0.06, ky + 0.16), (kx - 0.04, ky + 0.03), (kx + 0.03, ky - 0.01),
-            (kx + 0.11, ky + 0.05), (_lat_spine_x(g, ky + 0.3) - 0.06, ky + 0.3),
-            (_lat_spine_x(g, ky + 0.55) - 0.05, ky + 0.55)]
+    arch = [
+        (kx - 0.06, ky + 0.16),
+        (kx - 0.04, ky + 0.03),
+        (kx + 0.03, ky - 0.01),
+        (kx + 0.11, ky + 0.05),
+        (_lat_spine_x(g, ky + 0.3) - 0.06, ky + 0.3),
+        (_lat_spine_x(g, ky + 0.55) - 0.05, ky + 0.55),
+    ]
     _polyline(c, c.occ, arch, 0.055, 0.25 + g.aorta_wave, blur=0.012)
-    _ellipse(c, c.occ, hlx, hly, 0.05 * g.hilum_scale[0], 0.055 * g.hilum_scale[0], 0.35,
-             edge=0.8, dome=1.0)
+    _ellipse(
+        c,
+        c.occ,
+        hlx,
+        hly,
+        0.05 * g.hilum_scale[0],
+        0.055 * g.hilum_scale[0],
+        0.35,
+        edge=0.8,
+        dome=1.0,
+    )
     hx, hy, hrx, hry, _ = g.heart  # great vessels above the heart
-    _polygon(c, c.occ, np.array([(hx - 0.4 * hrx, hy - 0.6 * hry), (kx - 0.07, ky + 0.1),
-                                 (kx - 0.02, ky + 0.1), (hx + 0.5 * hrx, hy - 0.6 * hry)]),
-             0.6, blur=0.012)
+    _polygon(
+        c,
+        c.occ,
+        np.array(
+            [
+                (hx - 0.4 * hrx, hy - 0.6 * hry),
+                (kx - 0.07, ky + 0.1),
+                (kx - 0.02, ky + 0.1),
+                (hx + 0.5 * hrx, hy - 0.6 * hry),
+            ]
+        ),
+        0.6,
+        blur=0.012,
+    )
     _heart(c, *g.heart)
     _vessels(c, rng)
     # sternum, spine, posterior ribs
@@ -932,7 +1090,7 @@ def _spine_lateral(c: _Ctx) -> None:
     mid = np.clip(1 - np.abs(Y - 0.45) / 0.3, 0, 1)  # wedging strongest mid-thorax
     h = 0.8 - g.wedge * mid * np.clip(0.5 - d / (2 * hw), 0, 1)  # height, less anteriorly
     if g.compress >= 0:
-        h = np.where(k == g.compress, h - 0.35 * np.clip(0.5 - d / (2 * hw), 0, 1), h)
+        h = np.where(k == g.compress, h - g.compress_depth * np.clip(0.5 - d / (2 * hw), 0, 1), h)
     body = _ramp(hw - np.abs(d), _edge(c, 0.004)) * _ramp(h / 2 - np.abs(f - h / 2), 0.08)
     post = np.exp(-(((d - 0.065) / 0.016) ** 2) - ((f - 0.45) / 0.3) ** 2)
     fade = 1 - 0.35 * _smooth((Y - g.apex - 0.1) / 0.5)  # lower spine looks darker
@@ -957,6 +1115,26 @@ def _adjusts(name: str) -> Callable:
         return fn
 
     return deco
+
+
+def _blend(old: object, new: object, gain: float) -> object:
+    """old + gain * (new - old) for floats (and tuples of them); ints switch when gain > 0."""
+    if isinstance(old, float) and isinstance(new, float):
+        return old + gain * (new - old)
+    if isinstance(old, tuple) and isinstance(new, tuple):
+        return tuple(_blend(a, b, gain) for a, b in zip(old, new, strict=True))
+    return new if gain > 0 else old
+
+
+def _adjust(name: str, g: _Geo, rng: np.random.Generator, gain: float) -> None:
+    """Apply a finding's geometry change, scaled by its conspicuity (1 = as designed)."""
+    if gain == 1.0:
+        _ADJUST[name](g, rng)
+        return
+    before = dataclasses.replace(g)
+    _ADJUST[name](g, rng)
+    for f in dataclasses.fields(g):
+        setattr(g, f.name, _blend(getattr(before, f.name), getattr(g, f.name), gain))
 
 
 def _draws(name: str) -> Callable:
@@ -1008,8 +1186,7 @@ def _enlarged_cm_draw(c: _Ctx) -> None:
     """Lateral: soft tissue filling the retrosternal clear space."""
     if c.lateral:
         g = c.geo
-        _ellipse(c, c.occ, g.ant + 0.1, g.apex + 0.2, 0.08, 0.13, 0.8 * c.gain, edge=0.5,
-                 dome=0.5)
+        _ellipse(c, c.occ, g.ant + 0.1, g.apex + 0.2, 0.08, 0.13, 0.8 * c.gain, edge=0.5, dome=0.5)
 
 
 @_adjusts("Tortuous Aorta")
@@ -1043,8 +1220,10 @@ def _aortic_calcification(c: _Ctx) -> None:
 @_adjusts("Pulmonary Hypertension")
 def _pulm_htn_geo(g: _Geo, rng: np.random.Generator) -> None:
     """Larger central pulmonary arteries."""
-    g.hilum_scale = (g.hilum_scale[0] * rng.uniform(1.15, 1.35),
-                     g.hilum_scale[1] * rng.uniform(1.15, 1.35))
+    g.hilum_scale = (
+        g.hilum_scale[0] * rng.uniform(1.15, 1.35),
+        g.hilum_scale[1] * rng.uniform(1.15, 1.35),
+    )
 
 
 @_draws("Pulmonary Hypertension")
@@ -1063,8 +1242,9 @@ def _pulm_htn(c: _Ctx) -> None:
             pts = [(hx, hy), (hx + length * math.cos(ang), hy + length * math.sin(ang))]
             _polyline(c, c.occ, pts, c.u(0.02, 0.028), amp, blur=0.006)
     _, ky, _ = g.knob
-    _ellipse(c, c.occ, g.cx + g.med_w + 0.012, ky + 0.07, 0.028, 0.032, 1.0 * c.gain,
-             edge=0.3, dome=0.5)
+    _ellipse(
+        c, c.occ, g.cx + g.med_w + 0.012, ky + 0.07, 0.028, 0.032, 1.0 * c.gain, edge=0.3, dome=0.5
+    )
 
 
 @_draws("Adenopathy")
@@ -1086,9 +1266,11 @@ def _adenopathy(c: _Ctx) -> None:
             sites.append((g.cx - g.med_w - 0.005, g.hila[0][1] - 0.13))
     for sx, sy in sites:
         side = -1 if sx < g.cx else 1
-        for _ in range(int(c.rng.integers(2, 5))):
-            _blob(c, c.occ, sx + side * c.u(0.0, 0.03), sy + c.u(-0.04, 0.04),
-                  c.u(0.012, 0.022), amp, lobes=0.08, blur=0.25, dome=0.6)
+        nodes = [
+            (sx + side * c.u(0.0, 0.03), sy + c.u(-0.04, 0.04), c.u(0.012, 0.022))
+            for _ in range(int(c.rng.integers(2, 5)))
+        ]
+        _dots(c, c.occ, nodes, amp, blur=0.004)
 
 
 @_draws("Hilum")
@@ -1104,18 +1286,49 @@ def _hilum(c: _Ctx) -> None:
     for side, (hx, hy) in zip((-1, 1), g.hila, strict=True):
         if both or side == first:
             k = c.u(1.5, 2.0)
-            _ellipse(c, c.occ, hx + side * 0.012 * k, hy, 0.02 * k, 0.04 * k, amp, edge=0.5,
-                     dome=1.0, angle=side * c.u(-10, 20))
+            _ellipse(
+                c,
+                c.occ,
+                hx + side * 0.012 * k,
+                hy,
+                0.02 * k,
+                0.04 * k,
+                amp,
+                edge=0.5,
+                dome=1.0,
+                angle=side * c.u(-10, 20),
+            )
 
 
 # ---- lungs: airspace and interstitial ----------------------------------------------------
 
 
-def _patch(c: _Ctx, x: float, y: float, r: float, amp: float, *, sharp: float,
-           texture: str = "cloud", tex_mix: float = 0.6, lobes: float = 0.25) -> None:
+def _patch(
+    c: _Ctx,
+    x: float,
+    y: float,
+    r: float,
+    amp: float,
+    *,
+    sharp: float,
+    texture: str = "cloud",
+    tex_mix: float = 0.6,
+    lobes: float = 0.25,
+) -> None:
     """Ill-defined airspace opacity: lobulated outline, cloudy texture."""
-    _blob(c, c.occ, x, y, r, amp, lobes=lobes, blur=0.12 + 0.5 * (1 - sharp), dome=0.3,
-          texture=texture, tex_mix=tex_mix)
+    _blob(
+        c,
+        c.occ,
+        x,
+        y,
+        r,
+        amp,
+        lobes=lobes,
+        blur=0.12 + 0.5 * (1 - sharp),
+        dome=0.3,
+        texture=texture,
+        tex_mix=tex_mix,
+    )
 
 
 @_draws("Lung Opacity")
@@ -1131,8 +1344,16 @@ def _infiltration(c: _Ctx) -> None:
     """Fainter streaky-reticular ill-defined patches (confusable with Lung Opacity)."""
     for _ in range(int(c.rng.integers(1, 3))):
         x, y = _lung_xy(c, c.side(), c.u(0.25, 0.85), c.u(0.2, 0.8))
-        _patch(c, x, y, c.u(0.05, 0.09), c.u(0.35, 0.6) * c.gain, sharp=0.0,
-               texture="reticular", tex_mix=0.8)
+        _patch(
+            c,
+            x,
+            y,
+            c.u(0.05, 0.09),
+            c.u(0.35, 0.6) * c.gain,
+            sharp=0.0,
+            texture="reticular",
+            tex_mix=0.8,
+        )
 
 
 @_draws("Pneumonia")
@@ -1143,10 +1364,9 @@ def _pneumonia(c: _Ctx) -> None:
         x, y = _lung_xy(c, side, c.u(0.45, 0.9), c.u(0.3, 0.8))
         r = c.u(0.045, 0.09)
         _patch(c, x, y, r, c.u(0.55, 0.85) * c.gain, sharp=c.u(0.2, 0.6), tex_mix=0.7)
-        for _ in range(5):  # acinar nodularity around the edge
-            a = c.u(0, 2 * np.pi)
-            _blob(c, c.occ, x + r * math.cos(a), y + r * math.sin(a), c.u(0.008, 0.016),
-                  0.5 * c.gain, blur=0.5, dome=0.5)
+        angles = c.rng.uniform(0, 2 * np.pi, 6)  # acinar nodularity around the edge
+        acini = [(x + r * math.cos(a), y + r * math.sin(a), c.u(0.008, 0.016)) for a in angles]
+        _dots(c, c.occ, acini, 0.5 * c.gain, blur=0.005)
 
 
 @_draws("Consolidation")
@@ -1180,8 +1400,7 @@ def _consolidation(c: _Ctx) -> None:
     hx, hy = g.hila[0 if side < 0 else 1]  # air bronchograms: dark branches inside
     zf = (0.5 * (y0 + y1) - g.apex) / (_dia_side(g, side) - g.apex)
     for _ in range(3):
-        tx, ty = _lung_xy(c, side, float(np.clip(zf + c.u(-0.1, 0.1), 0.05, 0.95)),
-                          c.u(0.55, 0.9))
+        tx, ty = _lung_xy(c, side, float(np.clip(zf + c.u(-0.1, 0.1), 0.05, 0.95)), c.u(0.55, 0.9))
         sx, sy = 0.5 * (hx + tx), 0.5 * (hy + ty)
         _polyline(c, c.dens, [(sx, sy), (tx, ty)], 0.006, -0.06 * c.gain, blur=0.002)
 
@@ -1193,17 +1412,44 @@ def _edema(c: _Ctx) -> None:
     amp = c.u(0.35, 0.6) * c.gain
     if c.lateral:
         hx, hy = g.hila[0]
-        _ellipse(c, c.occ, hx, hy + 0.03, 0.2, 0.18, amp, edge=0.8, dome=0.5,
-                 texture="cloud", tex_mix=0.5)
+        _ellipse(
+            c,
+            c.occ,
+            hx,
+            hy + 0.03,
+            0.2,
+            0.18,
+            amp,
+            edge=0.8,
+            dome=0.5,
+            texture="cloud",
+            tex_mix=0.5,
+        )
         return
     for side, (hx, hy) in zip((-1, 1), g.hila, strict=True):
         rx = g.W * c.u(0.45, 0.7)
-        _ellipse(c, c.occ, hx + side * rx * 0.4, hy + 0.02, rx, c.u(0.13, 0.2), amp,
-                 edge=0.8, dome=0.5, texture="cloud", tex_mix=0.5)
-        for _ in range(int(c.rng.integers(3, 7))):  # Kerley B: short lines at the lateral base
+        _ellipse(
+            c,
+            c.occ,
+            hx + side * rx * 0.4,
+            hy + 0.02,
+            rx,
+            c.u(0.13, 0.2),
+            amp,
+            edge=0.8,
+            dome=0.5,
+            texture="cloud",
+            tex_mix=0.5,
+        )
+        kerley = []  # Kerley B: short horizontal lines at the lateral base
+        for _ in range(int(c.rng.integers(3, 7))):
             x, y = _lung_xy(c, side, c.u(0.72, 0.95), 1.0)
-            _polyline(c, c.occ, [(x, y), (x - side * c.u(0.015, 0.03), y)], 0.003, 0.6 * c.gain)
-    c.vessel[:] = ndimage.uniform_filter(c.vessel, 3)  # indistinct vessel margins
+            kerley.append(([(x, y), (x - side * c.u(0.015, 0.03), y)], 0.003))
+        _lines(c, c.occ, kerley, 0.6 * c.gain)
+    win = _win(c, g.cx - 1.1 * g.W, g.cx + 1.1 * g.W, g.apex, max(g.dia_r, g.dia_l) + 0.1)
+    if win is not None:  # indistinct vessel margins
+        rs, cs, _, _ = win
+        c.vessel[rs, cs] = _blur3(c.vessel[rs, cs], 0.3 * min(c.gain, 1.0))
 
 
 @_draws("Atelectasis")
@@ -1217,8 +1463,9 @@ def _atelectasis(c: _Ctx) -> None:
         pts = [(x - dx, y - dy), (x, y + c.u(-0.008, 0.008)), (x + dx, y + dy)]
         _polyline(c, c.occ, pts, c.u(0.01, 0.02), c.u(0.7, 1.0) * c.gain, blur=0.004)
         if c.u(0, 1) < 0.7:  # subsegmental collapse: basal haze below the plate
-            _ellipse(c, c.occ, x, y + 0.035, length * 0.7, 0.045, c.u(0.25, 0.45) * c.gain,
-                     edge=0.8)
+            _ellipse(
+                c, c.occ, x, y + 0.035, length * 0.7, 0.045, c.u(0.25, 0.45) * c.gain, edge=0.8
+            )
 
 
 @_adjusts("Atelectasis")
@@ -1238,25 +1485,38 @@ def _lobar_atelectasis(c: _Ctx) -> None:
     amp = c.u(0.3, 0.5) * c.gain
     if c.lateral:
         hx, hy = g.hila[0]
-        pts = np.array([(hx, hy), (g.ant + 0.05, g.dia_top - 0.02), (g.ant + 0.08,
-                        g.dia_top - 0.08)])
+        pts = np.array(
+            [(hx, hy), (g.ant + 0.05, g.dia_top - 0.02), (g.ant + 0.08, g.dia_top - 0.08)]
+        )
         _polygon(c, c.occ, pts, amp, blur=0.004)
         return
     kind = int(c.rng.integers(3))
     if kind == 0:  # right upper lobe: wedge at the apex with a concave lower border
         hx, hy = g.hila[0]
         lat = g.cx - g.W * c.u(0.5, 0.75)
-        pts = np.array([(hx + 0.02, hy - 0.03), (g.cx - g.med_w, g.apex + 0.02),
-                        (lat, g.apex + 0.03), (0.5 * (lat + hx), hy - 0.07)])
+        pts = np.array(
+            [
+                (hx + 0.02, hy - 0.03),
+                (g.cx - g.med_w, g.apex + 0.02),
+                (lat, g.apex + 0.03),
+                (0.5 * (lat + hx), hy - 0.07),
+            ]
+        )
     elif kind == 1:  # right middle lobe: triangle against the right heart border
         hx, hy = g.hila[0]
         hb = g.heart[0] - g.heart[2] * 0.9
-        pts = np.array([(hx - 0.01, hy + 0.02), (hb - 0.1, g.dia_r - 0.03),
-                        (hb + 0.01, g.dia_r - 0.02)])
+        pts = np.array(
+            [(hx - 0.01, hy + 0.02), (hb - 0.1, g.dia_r - 0.03), (hb + 0.01, g.dia_r - 0.02)]
+        )
     else:  # left lower lobe: retrocardiac triangle with a sharp oblique edge ('sail')
         hx, hy = g.hila[1]
-        pts = np.array([(hx, hy + 0.02), (g.cx + c.u(0.08, 0.13), g.dia_l + 0.02),
-                        (g.cx + 0.02, g.dia_l + 0.02)])
+        pts = np.array(
+            [
+                (hx, hy + 0.02),
+                (g.cx + c.u(0.08, 0.13), g.dia_l + 0.02),
+                (g.cx + 0.02, g.dia_l + 0.02),
+            ]
+        )
     _polygon(c, c.occ, pts, amp, blur=0.003)
     if kind == 2:  # the heart already displaces most air: show the sail edge through it
         _polygon(c, c.dens, pts, 0.05 * c.gain, blur=0.003)
@@ -1273,8 +1533,11 @@ def _rounded_atelectasis(c: _Ctx) -> None:
     _blob(c, c.occ, x, y, r, amp, lobes=0.05, blur=0.25, dome=0.5)
     hx, hy = g.hila[0 if side < 0 or c.lateral else 1]
     for k in (-1, 1):
-        pts = [(x - side * r * 0.5, y), (0.5 * (x + hx) + 0.015 * k, 0.5 * (y + hy) + 0.03),
-               (x + (hx - x) * 0.65, y + (hy - y) * 0.65)]
+        pts = [
+            (x - side * r * 0.5, y),
+            (0.5 * (x + hx) + 0.015 * k, 0.5 * (y + hy) + 0.03),
+            (x + (hx - x) * 0.65, y + (hy - y) * 0.65),
+        ]
         _polyline(c, c.occ, pts, 0.004, amp * 0.7, blur=0.002)
 
 
@@ -1283,24 +1546,52 @@ def _nodule(c: _Ctx) -> None:
     """Round, fairly well-defined opacity smaller than 3 cm (radius below ~0.035)."""
     for _ in range(1 if c.u(0, 1) < 0.8 else 2):
         x, y = _lung_xy(c, c.side(), c.u(0.15, 0.85), c.u(0.2, 0.85))
-        _blob(c, c.occ, x, y, c.u(0.014, 0.03), c.u(0.5, 0.8) * c.gain, lobes=0.06,
-              blur=c.u(0.1, 0.3), dome=0.5)
+        _blob(
+            c,
+            c.occ,
+            x,
+            y,
+            c.u(0.014, 0.03),
+            c.u(0.5, 0.8) * c.gain,
+            lobes=0.06,
+            blur=c.u(0.1, 0.3),
+            dome=0.5,
+        )
 
 
 @_draws("Mass")
 def _mass(c: _Ctx) -> None:
     """Round or lobulated opacity larger than 3 cm."""
     x, y = _lung_xy(c, c.side(), c.u(0.2, 0.8), c.u(0.25, 0.75))
-    _blob(c, c.occ, x, y, c.u(0.04, 0.07), c.u(0.6, 0.9) * c.gain, lobes=c.u(0.05, 0.18),
-          blur=c.u(0.08, 0.25), dome=0.5)
+    _blob(
+        c,
+        c.occ,
+        x,
+        y,
+        c.u(0.04, 0.07),
+        c.u(0.6, 0.9) * c.gain,
+        lobes=c.u(0.05, 0.18),
+        blur=c.u(0.08, 0.25),
+        dome=0.5,
+    )
 
 
 @_draws("Lung Lesion")
 def _lung_lesion(c: _Ctx) -> None:
     """Irregular, spiculated opacity of intermediate size."""
     x, y = _lung_xy(c, c.side(), c.u(0.15, 0.75), c.u(0.25, 0.8))
-    _blob(c, c.occ, x, y, c.u(0.02, 0.04), c.u(0.45, 0.75) * c.gain, lobes=0.35, blur=0.12,
-          dome=0.3, spikes=int(c.rng.integers(3, 7)))
+    _blob(
+        c,
+        c.occ,
+        x,
+        y,
+        c.u(0.02, 0.04),
+        c.u(0.45, 0.75) * c.gain,
+        lobes=0.35,
+        blur=0.12,
+        dome=0.3,
+        spikes=int(c.rng.integers(3, 7)),
+    )
 
 
 @_draws("Granuloma")
@@ -1321,13 +1612,14 @@ def _tuberculosis(c: _Ctx) -> None:
     for side in sides:
         x0, y0 = _lung_xy(c, side, c.u(0.08, 0.2), c.u(0.3, 0.7))
         _patch(c, x0, y0 + 0.02, c.u(0.04, 0.06), amp * 0.5, sharp=0.0, texture="reticular")
-        for _ in range(int(c.rng.integers(5, 11))):
-            _blob(c, c.occ, x0 + c.u(-0.05, 0.05), y0 + c.u(-0.03, 0.06), c.u(0.006, 0.012),
-                  amp, blur=0.4, dome=0.5)
+        nodules = [
+            (x0 + c.u(-0.05, 0.05), y0 + c.u(-0.03, 0.06), c.u(0.006, 0.012))
+            for _ in range(int(c.rng.integers(5, 11)))
+        ]
+        _dots(c, c.occ, nodules, amp, blur=0.003)
         hx, hy = g.hila[0 if side < 0 or c.lateral else 1]
-        for _ in range(2):
-            _polyline(c, c.occ, [(x0 + c.u(-0.03, 0.03), y0), (hx, hy - 0.03)], 0.004,
-                      amp * 0.6, blur=0.002)
+        streaks = [([(x0 + c.u(-0.03, 0.03), y0), (hx, hy - 0.03)], 0.004) for _ in range(2)]
+        _lines(c, c.occ, streaks, amp * 0.6, blur=0.002)
         if c.u(0, 1) < 0.4:
             r = c.u(0.014, 0.024)
             cx_, cy_ = x0 + c.u(-0.02, 0.02), y0 + c.u(0.0, 0.03)
@@ -1341,18 +1633,27 @@ def _fibrosis(c: _Ctx) -> None:
     amp = c.u(0.3, 0.5) * c.gain
     if c.lateral:
         lx, ly, lrx, lry = g.lung_box
-        _ellipse(c, c.occ, lx + 0.3 * lrx, ly - 0.2 * lry, 0.16, 0.12, amp, edge=0.6,
-                 texture="reticular", tex_mix=1.0)
+        _ellipse(
+            c,
+            c.occ,
+            lx + 0.3 * lrx,
+            ly - 0.2 * lry,
+            0.16,
+            0.12,
+            amp,
+            edge=0.6,
+            texture="reticular",
+            tex_mix=1.0,
+        )
         return
-    win = _win(c, g.cx - 1.1 * g.W, g.cx + 1.1 * g.W, g.apex + 0.15,
-               max(g.dia_r, g.dia_l) + 0.1)
+    win = _win(c, g.cx - 1.1 * g.W, g.cx + 1.1 * g.W, g.apex + 0.15, max(g.dia_r, g.dia_l) + 0.1)
     if win is None:
         return
     rs, cs, X, Y = win
     U = np.abs(X - g.cx) / g.W
     zone = _smooth((Y - (g.apex + 0.45 * (g.dia_r - g.apex))) / 0.2) * _smooth((U - 0.45) / 0.4)
     c.occ[rs, cs] += amp * zone * _tex(c, "reticular", rs, cs)
-    c.vessel[rs, cs] *= 1 - 0.4 * zone
+    c.vessel[rs, cs] *= 1 - 0.4 * min(c.gain, 1.0) * zone
 
 
 @_adjusts("Fibrosis")
@@ -1367,7 +1668,7 @@ def _fibrosis_geo(g: _Geo, rng: np.random.Generator) -> None:
 @_adjusts("Emphysema")
 def _emphysema_geo(g: _Geo, rng: np.random.Generator) -> None:
     """Hyperinflation: low flat diaphragm, hyperlucent lungs with few markings, narrow heart."""
-    g.air *= rng.uniform(1.15, 1.3)
+    g.air *= rng.uniform(1.08, 1.2)
     g.markings *= rng.uniform(0.45, 0.65)
     hx, hy, hrx, hry, tilt = g.heart
     if g.view == "lateral":
@@ -1392,7 +1693,9 @@ def _bulla(c: _Ctx) -> None:
     """Large thin-walled lucent circle without vessel markings, usually in an upper zone."""
     r = c.u(0.045, 0.085)
     x, y = _lung_xy(c, c.side(), c.u(0.18, 0.45), c.u(0.45, 0.8))
-    _scale_region(c, c.vessel, (x - r, x + r, y - r, y + r), _disc(x, y, r), 0.05)
+    _scale_region(
+        c, c.vessel, (x - r, x + r, y - r, y + r), _disc(x, y, r), 1 - 0.95 * min(c.gain, 1.0)
+    )
     _ellipse(c, c.dens, x, y, r, r, -c.u(0.04, 0.07) * c.gain, edge=0.1)
     _ring(c, c.dens, x, y, r, c.u(0.003, 0.005), c.u(0.05, 0.08) * c.gain, blur=0.001)
 
@@ -1415,9 +1718,9 @@ def _pleural_effusion(c: _Ctx) -> None:
         rise = 0.1 * _smooth((X - lx + 0.3 * lrx) / (1.3 * lrx)) ** 2
         m = _smooth((Y - (level - rise)) / _edge(c, 0.03)) * _ramp(X - lx + 0.2 * lrx, 0.15)
         c.occ[rs, cs] += amp * m
-        c.dens[rs, cs] += 0.04 * m * c.lung[rs, cs]
+        c.dens[rs, cs] += 0.04 * c.gain * m * c.lung[rs, cs]
         return
-    for side in ([c.side()] if c.u(0, 1) < 0.55 else [-1, 1]):
+    for side in [c.side()] if c.u(0, 1) < 0.55 else [-1, 1]:
         dome = _dia_side(g, side)
         level = dome + c.u(-0.17, 0.02)  # fluid level mid-lung; low = only blunting
         meniscus = c.u(0.03, 0.07)
@@ -1430,11 +1733,19 @@ def _pleural_effusion(c: _Ctx) -> None:
         top = level - meniscus * U**2
         m = _smooth((Y - top) / _edge(c, c.u(0.015, 0.04)))
         c.occ[rs, cs] += amp * m
-        c.dens[rs, cs] += 0.04 * m * c.lung[rs, cs]
+        c.dens[rs, cs] += 0.04 * c.gain * m * c.lung[rs, cs]
 
 
-def _wall_band(c: _Ctx, side: int, z0: float, z1: float, thick: float, amp: float,
-               blur: float, bulge: float = 0.0) -> None:
+def _wall_band(
+    c: _Ctx,
+    side: int,
+    z0: float,
+    z1: float,
+    thick: float,
+    amp: float,
+    blur: float,
+    bulge: float = 0.0,
+) -> None:
     """A band along the inner chest wall between heights z0..z1 (fractions of lung height)."""
     outer, inner = [], []
     for z, tp in zip(np.linspace(z0, z1, 12), np.sin(np.linspace(0, np.pi, 12)), strict=True):
@@ -1451,8 +1762,11 @@ def _pleural_thickening(c: _Ctx) -> None:
     amp = c.u(0.6, 0.9) * c.gain
     if c.lateral:
         lx, ly, lrx, lry = g.lung_box
-        pts = [(lx + lrx * 0.8, ly - lry * 0.75), (lx + lrx * 0.97, ly - lry * 0.45),
-               (lx + lrx * 0.95, ly - lry * 0.15)]
+        pts = [
+            (lx + lrx * 0.8, ly - lry * 0.75),
+            (lx + lrx * 0.97, ly - lry * 0.45),
+            (lx + lrx * 0.95, ly - lry * 0.15),
+        ]
         _polyline(c, c.occ, pts, c.u(0.01, 0.016), amp, blur=0.004)
         return
     side = c.side()
@@ -1471,16 +1785,21 @@ def _pleural_other(c: _Ctx) -> None:
     amp = c.u(0.5, 0.8) * c.gain
     if c.lateral:
         lx, ly, lrx, lry = g.lung_box
-        _ellipse(c, c.occ, lx - lrx * 0.88, ly - lry * c.u(0.3, 0.6), 0.016, 0.045, amp,
-                 edge=0.3)
+        _ellipse(c, c.occ, lx - lrx * 0.88, ly - lry * c.u(0.3, 0.6), 0.016, 0.045, amp, edge=0.3)
         return
     side = c.side()
     z0 = c.u(0.3, 0.75)
     _wall_band(c, side, z0, z0 + c.u(0.08, 0.14), 0.004, amp, 0.002, bulge=c.u(0.008, 0.014))
     if c.u(0, 1) < 0.5:
         x, y = _lung_xy(c, side, z0 + 0.05, 0.98)
-        _polyline(c, c.dens, [(x, y - 0.025), (x - side * 0.006, y), (x, y + 0.025)], 0.004,
-                  0.15 * c.gain, blur=0.001)
+        _polyline(
+            c,
+            c.dens,
+            [(x, y - 0.025), (x - side * 0.006, y), (x, y + 0.025)],
+            0.004,
+            0.15 * c.gain,
+            blur=0.001,
+        )
 
 
 def _draw_ptx(c: _Ctx, side: int, depth: float, z_end: float, amp: float) -> _Win | None:
@@ -1499,7 +1818,7 @@ def _draw_ptx(c: _Ctx, side: int, depth: float, z_end: float, amp: float) -> _Wi
     space = _ramp(adx - edge_x, _edge(c, 0.003)) * c.lung[rs, cs]
     line = np.exp(-(((adx - edge_x) / _edge(c, 0.0025)) ** 2)) * (g.apex + 0.5 * depth < Y)
     line = line * _ramp(y_end + 0.02 - Y, 0.03) * _ramp(edge_x - 0.05, 0.02)
-    c.vessel[rs, cs] *= 1 - space
+    c.vessel[rs, cs] *= 1 - min(c.gain, 1.0) * space
     c.dens[rs, cs] += amp * (-0.07 * space + 0.1 * line)
     return rs, cs, X, Y
 
@@ -1532,7 +1851,7 @@ def _hydropneumothorax(c: _Ctx) -> None:
     rs, cs, X, Y = win
     m = _ramp(Y - level, _edge(c, 0.002)) * _ramp(np.abs(X - g.cx) / g.W - 0.5, 0.1)
     c.occ[rs, cs] += amp * m
-    c.vessel[rs, cs] *= 1 - m
+    c.vessel[rs, cs] *= 1 - min(c.gain, 1.0) * m
 
 
 @_draws("Pneumomediastinum")
@@ -1542,22 +1861,37 @@ def _pneumomediastinum(c: _Ctx) -> None:
     amp = c.u(0.08, 0.14) * c.gain
     hx, hy, hrx, hry, _ = g.heart
     if c.lateral:
-        pts = [(hx - 0.05, hy - hry - 0.03), (hx + 0.02, hy - hry - 0.05),
-               (hx + 0.08, hy - hry - 0.01)]
+        pts = [
+            (hx - 0.05, hy - hry - 0.03),
+            (hx + 0.02, hy - hry - 0.05),
+            (hx + 0.08, hy - hry - 0.01),
+        ]
         _polyline(c, c.dens, pts, 0.008, -amp, blur=0.002)
         return
     th = np.linspace(-1.3, 0.3, 10)
     off = c.u(0.006, 0.012)
     pts = np.stack([hx + (hrx + off) * np.cos(th) * 0.95, hy + (hry + off) * np.sin(th)], 1)
     _polyline(c, c.dens, pts, 0.007, -amp, blur=0.002)
-    _polyline(c, c.dens, [(g.cx + g.med_w + off, g.knob[1] - 0.08),
-                          (g.cx + g.med_w + off, hy - hry)], 0.006, -amp, blur=0.002)
+    _polyline(
+        c,
+        c.dens,
+        [(g.cx + g.med_w + off, g.knob[1] - 0.08), (g.cx + g.med_w + off, hy - hry)],
+        0.006,
+        -amp,
+        blur=0.002,
+    )
     pts[:, 0] += 0.009
     _polyline(c, c.dens, pts, 0.003, amp * 0.6, blur=0.001)
     for s in (-1, 1):  # streaks into the neck
         x = g.cx + s * c.u(0.04, 0.07)
-        _polyline(c, c.dens, [(x, g.apex - 0.08), (x + s * 0.01, g.apex + 0.02)], 0.004,
-                  -amp * 0.8, blur=0.002)
+        _polyline(
+            c,
+            c.dens,
+            [(x, g.apex - 0.08), (x + s * 0.01, g.apex + 0.02)],
+            0.004,
+            -amp * 0.8,
+            blur=0.002,
+        )
 
 
 @_draws("Pneumoperitoneum")
@@ -1568,10 +1902,11 @@ def _pneumoperitoneum(c: _Ctx) -> None:
     if c.lateral:
         lx, _, lrx, _ = g.lung_box
         xs = np.linspace(lx - 0.8 * lrx, lx - 0.1 * lrx, 10)
-        _polyline(c, c.dens, np.stack([xs, _dia(g, xs) + 0.018], 1), c.u(0.008, 0.014), -amp,
-                  blur=0.003)
+        _polyline(
+            c, c.dens, np.stack([xs, _dia(g, xs) + 0.018], 1), c.u(0.008, 0.014), -amp, blur=0.003
+        )
         return
-    for side in ([-1] if c.u(0, 1) < 0.65 else [-1, 1]):
+    for side in [-1] if c.u(0, 1) < 0.65 else [-1, 1]:
         us = np.linspace(c.u(0.15, 0.3), c.u(0.75, 0.95), 14)
         xs = g.cx + side * us * g.W
         thick = c.u(0.007, 0.016) * np.sin(np.linspace(0, np.pi, 14)) + 0.002
@@ -1583,8 +1918,9 @@ def _pneumoperitoneum(c: _Ctx) -> None:
 # ---- bones and soft tissue -----------------------------------------------------------------
 
 
-def _break_rib(c: _Ctx, side: int, k: int, u: float, step: float, gap: float,
-               amp: float = 1.0) -> None:
+def _break_rib(
+    c: _Ctx, side: int, k: int, u: float, step: float, gap: float, amp: float = 1.0
+) -> None:
     """Cut posterior rib k at lateral fraction u: a lucent cleft, lateral fragment displaced.
 
     `amp` scales the redrawn rib (1 = unchanged density; more = sclerotic, healing).
@@ -1599,6 +1935,7 @@ def _break_rib(c: _Ctx, side: int, k: int, u: float, step: float, gap: float,
     lateral = _ramp(side * (X - xb), _edge(c, 0.002))
     new = _rib_band(c, X, Y, k, shift=step) * lateral + old * (1 - lateral)
     cleft = np.exp(-(((X - xb + (Y - yb) * c.u(-0.5, 0.5)) / max(gap, 1.2 / c.w)) ** 2))
+    cleft *= min(gap / 0.002, 1.0)  # no gap, no cleft
     c.bone[rs, cs] += _RIB_AMP * (amp * new * (1 - cleft) - old)
 
 
@@ -1610,8 +1947,14 @@ def _rib_fracture(c: _Ctx) -> None:
     g = c.geo
     side, k0, u = c.side(), int(c.rng.integers(3, 8)), c.u(0.55, 0.9)
     for k in range(k0, k0 + int(c.rng.integers(1, 4))):
-        _break_rib(c, side, k, u + c.u(-0.04, 0.04), step=c.u(0.35, 0.7) * g.rib_s * _RIB_FRAC,
-                   gap=c.u(0.005, 0.01) * c.gain)
+        _break_rib(
+            c,
+            side,
+            k,
+            u + c.u(-0.04, 0.04),
+            step=c.u(0.35, 0.7) * g.rib_s * _RIB_FRAC * c.gain,
+            gap=c.u(0.005, 0.01) * c.gain,
+        )
 
 
 @_draws("Fracture")
@@ -1626,9 +1969,21 @@ def _fracture(c: _Ctx) -> None:
         x, y = _rib_point(g, side, k, u)
         x2, y2 = _rib_point(g, side, k, u + 0.05)
         ang = math.degrees(math.atan2(y2 - y, x2 - x))
-        _ellipse(c, c.bone, x, y, c.u(0.018, 0.03), g.rib_s * 0.32, c.u(0.08, 0.13) * c.gain,
-                 angle=ang, edge=0.5, dome=0.7)
-        _break_rib(c, side, k, u, step=g.rib_s * 0.08, gap=0.002, amp=1.3)
+        _ellipse(
+            c,
+            c.bone,
+            x,
+            y,
+            c.u(0.018, 0.03),
+            g.rib_s * 0.32,
+            c.u(0.08, 0.13) * c.gain,
+            angle=ang,
+            edge=0.5,
+            dome=0.7,
+        )
+        _break_rib(
+            c, side, k, u, step=g.rib_s * 0.08 * c.gain, gap=0.002 * c.gain, amp=1 + 0.3 * c.gain
+        )
     elif kind == 1:  # proximal humerus: lucent oblique line and a little sclerosis
         side = c.side()
         hx = float(np.clip(g.cx + side * (g.body_w + 0.09), 0.06, 0.94))  # keep it in view
@@ -1641,8 +1996,9 @@ def _fracture(c: _Ctx) -> None:
         yv = g.apex + (k + 0.5) * g.vert_h
         xv = float(_spine_x(g, yv))
         _ellipse(c, c.bone, xv, yv, 0.034, g.vert_h * 0.25, c.u(0.08, 0.12) * c.gain, edge=0.3)
-        _ellipse(c, c.bone, xv + 0.036, yv, 0.008, g.vert_h * 0.3, c.u(0.05, 0.08) * c.gain,
-                 edge=0.5)
+        _ellipse(
+            c, c.bone, xv + 0.036, yv, 0.008, g.vert_h * 0.3, c.u(0.05, 0.08) * c.gain, edge=0.5
+        )
 
 
 @_adjusts("Fracture")
@@ -1650,15 +2006,17 @@ def _fracture_geo(g: _Geo, rng: np.random.Generator) -> None:
     """Lateral view: one wedge-compressed mid/lower thoracic vertebra."""
     if g.view == "lateral":
         g.compress = int(rng.integers(3, 8))
+        g.compress_depth = 0.35
 
 
 @_adjusts("Clavicle Fracture")
 def _clavicle_fracture(g: _Geo, rng: np.random.Generator) -> None:
     """Mid-shaft clavicle break with a small gap and step-off (frontal only)."""
     if g.view == "frontal":
-        side = -1 if rng.uniform() < 0.5 else 1
-        g.clav_break[side] = (rng.uniform(0.35, 0.7), rng.uniform(0.006, 0.012),
-                              rng.uniform(0.006, 0.014) * rng.choice([-1, 1]))
+        g.clav_side = -1 if rng.uniform() < 0.5 else 1
+        g.clav_t = rng.uniform(0.35, 0.7)
+        g.clav_gap = rng.uniform(0.006, 0.012)
+        g.clav_step = rng.uniform(0.006, 0.014) * rng.choice([-1, 1])
 
 
 @_adjusts("Osteopenia")
@@ -1680,7 +2038,7 @@ def _scoliosis(g: _Geo, rng: np.random.Generator) -> None:
 def _kyphosis(g: _Geo, rng: np.random.Generator) -> None:
     """Lateral only: exaggerated posterior convexity of the thoracic spine, wedged bodies."""
     if g.view == "lateral":
-        g.kyph += rng.uniform(0.04, 0.07)
+        g.kyph += rng.uniform(0.03, 0.055)
         g.wedge = rng.uniform(0.15, 0.3)
 
 
@@ -1691,19 +2049,27 @@ def _subcutaneous_emphysema(c: _Ctx) -> None:
     amp = c.u(0.12, 0.22) * c.gain
     n = int(c.rng.integers(6, 14))
     if c.lateral:
+        streaks = []
         for _ in range(n):
             x, y = g.ant + c.u(-0.02, 0.03), c.u(g.apex, g.dia_top)
-            _polyline(c, c.dens, [(x, y), (x + c.u(-0.01, 0.01), y + c.u(0.02, 0.05))],
-                      c.u(0.003, 0.006), -amp, blur=0.002)
+            streaks.append(
+                ([(x, y), (x + c.u(-0.01, 0.01), y + c.u(0.02, 0.05))], c.u(0.003, 0.006))
+            )
+        _lines(c, c.dens, streaks, -amp, blur=0.002)
         return
-    for side in ([c.side()] if c.u(0, 1) < 0.6 else [-1, 1]):
+    for side in [c.side()] if c.u(0, 1) < 0.6 else [-1, 1]:
+        streaks = []
         for _ in range(n):
             y = c.u(g.apex - 0.05, g.dia_r)
             x = g.cx + side * (g.W + c.u(0.005, g.body_w - g.W))
             length, ang = c.u(0.02, 0.06), c.u(-0.5, 0.5) + math.pi / 2
-            pts = [(x, y), (x + 0.5 * length * math.cos(ang), y + length * math.sin(ang)),
-                   (x + c.u(-0.01, 0.01), y + 1.6 * length)]
-            _polyline(c, c.dens, pts, c.u(0.003, 0.006), -amp, blur=0.0015)
+            pts = [
+                (x, y),
+                (x + 0.5 * length * math.cos(ang), y + length * math.sin(ang)),
+                (x + c.u(-0.01, 0.01), y + 1.6 * length),
+            ]
+            streaks.append((pts, c.u(0.003, 0.006)))
+        _lines(c, c.dens, streaks, -amp, blur=0.0015)
 
 
 # ---- devices, hernia, fissures, vascular ---------------------------------------------------
@@ -1723,18 +2089,32 @@ def _support_devices(c: _Ctx) -> None:
             hx, hy = g.hila[0]
             if kind in (0, 1):  # ET tube in the trachea / NG tube in the oesophagus
                 off = 0.0 if kind == 0 else 0.05
-                _polyline(c, d, [(hx - 0.07 + off, 0.0), (hx - 0.01 + off, hy - 0.08 + 4 * off)],
-                          0.006, 0.35 * amp)
+                _polyline(
+                    c,
+                    d,
+                    [(hx - 0.07 + off, 0.0), (hx - 0.01 + off, hy - 0.08 + 4 * off)],
+                    0.006,
+                    0.35 * amp,
+                )
             elif kind == 2:  # pacemaker generator, anterior upper chest
-                _polygon(c, d, _box(g.ant + 0.03, g.apex + 0.08, 0.018, 0.035), 0.8 * amp,
-                         blur=0.002)
+                _polygon(
+                    c, d, _box(g.ant + 0.03, g.apex + 0.08, 0.018, 0.035), 0.8 * amp, blur=0.002
+                )
             elif kind == 3:  # sternotomy wires
                 for i in range(5):
-                    _ring(c, d, g.ant + 0.022, g.apex + 0.12 + 0.065 * i, 0.008, 0.004,
-                          0.6 * amp)
+                    _ring(c, d, g.ant + 0.022, g.apex + 0.12 + 0.065 * i, 0.008, 0.004, 0.6 * amp)
             else:  # central line / lead into the heart
-                _polyline(c, d, [(g.ant + 0.08, 0.05), (g.heart[0] + 0.05, g.apex + 0.25),
-                                 (g.heart[0], g.heart[1])], 0.005, 0.35 * amp)
+                _polyline(
+                    c,
+                    d,
+                    [
+                        (g.ant + 0.08, 0.05),
+                        (g.heart[0] + 0.05, g.apex + 0.25),
+                        (g.heart[0], g.heart[1]),
+                    ],
+                    0.005,
+                    0.35 * amp,
+                )
             continue
         if kind == 0:  # endotracheal tube: two walls and a radiopaque stripe above the carina
             tip = g.hila[0][1] - 0.08 - c.u(0.03, 0.08)
@@ -1742,26 +2122,46 @@ def _support_devices(c: _Ctx) -> None:
                 _polyline(c, d, [(g.cx + dxw, 0.0), (g.cx + dxw, tip)], 0.003, 0.18 * amp)
             _polyline(c, d, [(g.cx + 0.004, 0.0), (g.cx + 0.004, tip)], 0.003, 0.35 * amp)
         elif kind == 1:  # nasogastric tube into the stomach under the left hemidiaphragm
-            pts = [(g.cx + 0.01, 0.0), (g.cx + 0.012, g.hila[0][1]), (g.cx + 0.03, g.dia_l),
-                   (g.cx + 0.15, g.dia_l + 0.06), (g.cx + 0.2, g.dia_l + 0.03)]
+            pts = [
+                (g.cx + 0.01, 0.0),
+                (g.cx + 0.012, g.hila[0][1]),
+                (g.cx + 0.03, g.dia_l),
+                (g.cx + 0.15, g.dia_l + 0.06),
+                (g.cx + 0.2, g.dia_l + 0.03),
+            ]
             _polyline(c, d, pts, 0.005, 0.35 * amp)
         elif kind == 2:  # central venous line from a subclavian vein to the SVC
             s = c.side()
-            pts = [(g.cx + s * 0.3, g.clav_y + 0.02), (g.cx + s * 0.12, g.clav_y + 0.04),
-                   (g.cx - 0.04, g.clav_y + 0.08), (g.cx - 0.035, g.hila[0][1] - c.u(0.0, 0.06))]
+            pts = [
+                (g.cx + s * 0.3, g.clav_y + 0.02),
+                (g.cx + s * 0.12, g.clav_y + 0.04),
+                (g.cx - 0.04, g.clav_y + 0.08),
+                (g.cx - 0.035, g.hila[0][1] - c.u(0.0, 0.06)),
+            ]
             _polyline(c, d, pts, 0.005, 0.3 * amp)
         elif kind == 3:  # pacemaker: bright box below the left clavicle, leads to the heart
             px_, py_ = g.cx + c.u(0.18, 0.28), g.clav_y + c.u(0.04, 0.08)
             _polygon(c, d, _box(px_, py_, 0.045, 0.032), 0.8 * amp, blur=0.003)
             hx, hy, _, hry, _ = g.heart
             for tx, ty in ((hx - 0.03, hy - hry * 0.4), (hx + 0.03, hy + hry * 0.3)):
-                pts = [(px_ - 0.045, py_), (g.cx + 0.01, g.clav_y + 0.1),
-                       (g.cx - 0.03, hy - hry), (tx, ty)]
+                pts = [
+                    (px_ - 0.045, py_),
+                    (g.cx + 0.01, g.clav_y + 0.1),
+                    (g.cx - 0.03, hy - hry),
+                    (tx, ty),
+                ]
                 _polyline(c, d, pts, 0.004, 0.45 * amp)
         elif kind == 4:  # sternotomy wires along the midline
             for i in range(int(c.rng.integers(4, 7))):
-                _ring(c, d, g.cx + c.u(-0.004, 0.004), g.apex + 0.12 + 0.055 * i, 0.008, 0.004,
-                      0.6 * amp)
+                _ring(
+                    c,
+                    d,
+                    g.cx + c.u(-0.004, 0.004),
+                    g.apex + 0.12 + 0.055 * i,
+                    0.008,
+                    0.004,
+                    0.6 * amp,
+                )
         else:  # ECG electrodes with wires
             for _ in range(int(c.rng.integers(2, 5))):
                 x, y = c.u(0.1, 0.9), c.u(0.08, 0.7)
@@ -1798,8 +2198,11 @@ def _fissure(c: _Ctx) -> None:
     if c.lateral:
         lx, ly, lrx, lry = g.lung_box
         x2 = lx - 0.5 * lrx
-        major = [(lx + 0.55 * lrx, ly - 0.85 * lry), (lx, ly - 0.45 * lry),
-                 (x2, float(_dia(g, x2)) - 0.005)]
+        major = [
+            (lx + 0.55 * lrx, ly - 0.85 * lry),
+            (lx, ly - 0.45 * lry),
+            (x2, float(_dia(g, x2)) - 0.005),
+        ]
         _polyline(c, c.occ, major, width, amp, blur=0.001)
         return
     hx, hy = g.hila[0]
@@ -1836,9 +2239,14 @@ def _wedge(c: _Ctx, side: int, amp: float, size: float, sharp: float) -> tuple[f
     dx, dy = dx / n, dy / n
     px_, py_ = -dy, dx
     tip, length = size * 0.35, size * 1.4
-    pts = np.array([(x + px_ * size, y + py_ * size), (x - px_ * size, y - py_ * size),
-                    (x + dx * length - px_ * tip, y + dy * length - py_ * tip),
-                    (x + dx * length + px_ * tip, y + dy * length + py_ * tip)])
+    pts = np.array(
+        [
+            (x + px_ * size, y + py_ * size),
+            (x - px_ * size, y - py_ * size),
+            (x + dx * length - px_ * tip, y + dy * length - py_ * tip),
+            (x + dx * length + px_ * tip, y + dy * length + py_ * tip),
+        ]
+    )
     _polygon(c, c.occ, pts, amp, blur=size * (0.5 - 0.35 * sharp))
     return x, y
 
@@ -1858,8 +2266,9 @@ def _pulmonary_embolism(c: _Ctx) -> None:
     side = c.side()
     x, y = _wedge(c, side, c.u(0.25, 0.4) * c.gain, c.u(0.025, 0.04), sharp=c.u(0.0, 0.4))
     r = c.u(0.08, 0.12)
-    _scale_region(c, c.vessel, (x - r, x + r, y - r, y + r), _disc(x, y, r, 0.5),
-                  max(0.0, 1 - 0.7 * c.gain))
+    _scale_region(
+        c, c.vessel, (x - r, x + r, y - r, y + r), _disc(x, y, r, 0.5), max(0.0, 1 - 0.7 * c.gain)
+    )
     hx, hy = g.hila[0 if side < 0 else 1]
     _ellipse(c, c.occ, hx, hy, 0.02, 0.03, 0.25 * c.gain, edge=0.5, dome=1)
 
@@ -1873,14 +2282,14 @@ def _check(findings: Collection[str], view: str, height: int, width: int) -> lis
     """Validate the arguments; return the findings in canonical (FINDINGS) order."""
     if isinstance(findings, str):
         raise TypeError("findings must be a collection of names, not a single string")
-    unknown = sorted(set(findings) - set(FINDINGS))
+    present = {str(f) for f in findings}
+    unknown = sorted(present - set(FINDINGS))
     if unknown:
         raise ValueError(f"unknown finding(s) {unknown}; known: {', '.join(FINDINGS)}")
     if view not in VIEWS:
         raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
     if height < 16 or width < 16:
         raise ValueError(f"image size must be at least 16x16, got {height}x{width}")
-    present = set(findings)
     return [f for f in FINDINGS if f in present]  # order-independent, hash-independent
 
 
@@ -1921,20 +2330,27 @@ def _finish(c: _Ctx, anatomy: Anatomy, rng: np.random.Generator) -> np.ndarray:
     tx, ty = rng.uniform(-0.035, 0.035) * w, rng.uniform(-0.035, 0.035) * h
     ca, sa = math.cos(ang) / sc, math.sin(ang) / sc
     cx0, cy0 = w / 2, h / 2  # inverse map (output -> input) about the image centre
-    coeffs = (ca, sa, cx0 - ca * (cx0 + tx) - sa * (cy0 + ty),
-              -sa, ca, cy0 + sa * (cx0 + tx) - ca * (cy0 + ty))
+    coeffs = (
+        ca,
+        sa,
+        cx0 - ca * (cx0 + tx) - sa * (cy0 + ty),
+        -sa,
+        ca,
+        cy0 + sa * (cx0 + tx) - ca * (cy0 + ty),
+    )
     pad = max(h, w) // 8  # edge-padded so that rotation never exposes empty corners
     padded = np.pad(dens, pad, mode="edge")
     coeffs = (*coeffs[:2], coeffs[2] + pad, *coeffs[3:5], coeffs[5] + pad)
     img = Image.fromarray(padded, mode="F").transform(
-        (w, h), Image.Transform.AFFINE, coeffs, Image.Resampling.BILINEAR)
+        (w, h), Image.Transform.AFFINE, coeffs, Image.Resampling.BILINEAR
+    )
     dens = np.asarray(img, dtype=np.float32)
     bank = c.bank.noise[int(rng.integers(len(c.bank.noise)))]
     oy = int(rng.integers(0, bank.shape[0] - h + 1))
     ox = int(rng.integers(0, bank.shape[1] - w + 1))
     sigma = rng.uniform(0.006, 0.016) * (1 if rng.uniform() < 0.5 else -1)
     noise = dens + 0.5  # quantum noise, stronger where the signal is
-    noise *= bank[oy: oy + h, ox: ox + w]
+    noise *= bank[oy : oy + h, ox : ox + w]
     noise *= sigma
     dens = dens + noise
     dens = _blur3(dens, rng.uniform(0.08, 0.3) * min(h, w) / 320)
@@ -1949,8 +2365,14 @@ def _finish(c: _Ctx, anatomy: Anatomy, rng: np.random.Generator) -> np.ndarray:
     return np.take(lut, dens.astype(np.uint16))
 
 
-def render(findings: Collection[str], view: str, anatomy: Anatomy, rng: np.random.Generator,
-           height: int, width: int) -> np.ndarray:
+def render(
+    findings: Collection[str],
+    view: str,
+    anatomy: Anatomy,
+    rng: np.random.Generator,
+    height: int,
+    width: int,
+) -> np.ndarray:
     """Render one radiograph (uint8, height x width) showing the given findings.
 
     The caller's rng is advanced by exactly one draw; the image depends only on that value
@@ -1964,7 +2386,7 @@ def render(findings: Collection[str], view: str, anatomy: Anatomy, rng: np.rando
     geo = _frontal_geo(anatomy, base) if view == "frontal" else _lateral_geo(anatomy, base)
     for n in names:
         if n in _ADJUST:
-            _ADJUST[n](geo, own[n])
+            _adjust(n, geo, own[n], float(CONSPICUITY.get(n, 1.0)))
     h, w = int(height), int(width)
 
     def layer() -> np.ndarray:
