@@ -36,7 +36,7 @@ def main() -> None:
     aug = AugmentConfig()
 
     def step() -> None:
-        logits = model.head(model.features(augment_batch(model.normalise(x), aug, gen)))
+        logits = model.head(model.features(augment_batch(model.normalise(x), aug, gen, model.cfg.std)))
         loss = loss_fn(logits, y, mask)
         opt.zero_grad(set_to_none=True)
         loss.backward()

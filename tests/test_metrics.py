@@ -301,3 +301,24 @@ def test_shape_errors():
         metrics.average_precision(np.zeros((2, 1)), np.array([[np.nan], [0.1]]))
     with pytest.raises(ValueError, match="thresholds"):
         metrics.f1_at(np.zeros((3, 2)), np.zeros((3, 2)), [0.1, 0.2, 0.3])
+
+
+
+def test_interval_is_shifted_by_the_bootstrap_bias():
+    """Rare classes bias resampled AP upward: the replicates are re-centred on the point estimate."""
+    from cxrlt.metrics import average_precision, bootstrap_ap, bootstrap_ci
+
+    rng = np.random.default_rng(3)
+    n = 400
+    y = np.hstack([(rng.random((n, 10)) < 0.3).astype(float), np.zeros((n, 30))])
+    for j in range(10, 40):
+        y[rng.choice(n, size=2, replace=False), j] = 1  # tail: two positives per class
+    scores = rng.random(y.shape) + y * np.r_[np.full(10, 1.5), np.full(30, 0.3)] * rng.random(y.shape)
+    ids = np.arange(n) // 2
+    point = float(np.nanmean(average_precision(y, scores)))
+    reps = np.nanmean(bootstrap_ap(y, scores, ids=ids, n_bootstrap=300, seed=0), axis=1)
+    assert reps.mean() > point + 0.01  # the upward bias this guards against
+    lo, hi = bootstrap_ci(y, scores, [str(j) for j in range(40)], ids=ids, n_bootstrap=300, seed=0)["mAP"]
+    expected = np.percentile(reps - (reps.mean() - point), [2.5, 97.5])
+    np.testing.assert_allclose([lo, hi], expected, rtol=1e-6)
+    assert lo <= point <= hi

@@ -34,9 +34,7 @@ def _masked_mean(loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (loss * mask).sum() / mask.sum().clamp_min(1.0)
 
 
-def _prevalence_weights(prevalence: np.ndarray | None, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    if prevalence is None:
-        return torch.ones(n), torch.ones(n)
+def _prevalence_weights(prevalence: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     p = torch.as_tensor(np.asarray(prevalence, dtype=np.float32))
     # CheXFusion's class weights: rare classes weigh more on positives, less on negatives.
     return torch.exp(1.0 - p), torch.exp(p)
@@ -128,7 +126,7 @@ def _asl(
     clip: float = 0.05,
     class_weights: bool = True,
 ) -> nn.Module:
-    w_pos, w_neg = _prevalence_weights(prevalence, 0) if class_weights and prevalence is not None else (None, None)
+    w_pos, w_neg = _prevalence_weights(prevalence) if class_weights and prevalence is not None else (None, None)
     return AsymmetricLoss(gamma_neg, gamma_pos, clip, w_pos=w_pos, w_neg=w_neg)
 
 

@@ -409,15 +409,31 @@ def _nanmean(a: np.ndarray) -> np.ndarray:
 
 
 def _percentile_ci(
-    aps: np.ndarray, classes: Sequence[str], groups: Mapping[str, str] | None, ci: float
+    aps: np.ndarray,
+    point_ap: np.ndarray,
+    classes: Sequence[str],
+    groups: Mapping[str, str] | None,
+    ci: float,
 ) -> dict[str, list[float] | None]:
+    """Bias-shifted percentile intervals of the replicate means.
+
+    AP of a class with few positives is biased upward under resampling (duplicated positives
+    raise it, and replicates that miss a rare, poorly ranked class drop it from the mean), so
+    the plain percentile interval can lie entirely above the point estimate. The replicates
+    are shifted by the bootstrap bias estimate (mean of replicates minus point estimate)
+    before taking percentiles: the spread and skew are the bootstrap's, the centre is the
+    point estimate's.
+    """
     out: dict[str, list[float] | None] = {}
+    points = _group_means(point_ap[None, :], classes, groups)
     for suffix, values in _group_means(aps, classes, groups).items():
         values = values[~np.isnan(values)]
-        if len(values) == 0:
+        point = float(points[suffix][0])
+        if len(values) == 0 or np.isnan(point):
             out[f"mAP{suffix}"] = None
         else:
-            lo, hi = np.percentile(values, [50 * (1 - ci), 50 * (1 + ci)])
+            values = values - (values.mean() - point)
+            lo, hi = np.clip(np.percentile(values, [50 * (1 - ci), 50 * (1 + ci)]), 0.0, 1.0)
             out[f"mAP{suffix}"] = [float(lo), float(hi)]
     return out
 
@@ -437,8 +453,8 @@ def bootstrap_ci(
     Classes without positives in the full set are excluded from every replicate, as from the
     point estimate; a class that a replicate happens to draw no positive for is left out of
     that replicate's mean. The interval is the [(1-ci)/2, (1+ci)/2] percentiles of the
-    replicate means (the plain percentile method: no bias correction, so it contains the
-    point estimate unless the replicate distribution is badly skewed).
+    replicate means after shifting them by the bootstrap bias estimate (see `_percentile_ci`),
+    so it is centred on the point estimate even for classes with a handful of positives.
     """
     y, scores = _as_2d(y, scores)
     return _bootstrap_ci_ranked(
@@ -462,7 +478,8 @@ def _bootstrap_ci_ranked(
     aps = _bootstrap_ap_ranked(ranked, clusters, n_bootstrap, seed)
     has_pos = np.bincount(ranked.cls[ranked.positive], minlength=ranked.n_classes) > 0
     aps[:, ~has_pos] = np.nan
-    return _percentile_ci(aps, classes, groups, ci)
+    point = np.where(has_pos, _ap_from_ranked(ranked, _weights(ranked, None)), np.nan)
+    return _percentile_ci(aps, point, classes, groups, ci)
 
 
 # --------------------------------------------------------------------------------------------
@@ -544,7 +561,7 @@ def evaluate(
             "level": float(ci),
             "unit": "image" if ids is None else "cluster",
             "n_clusters": int(clusters.max()) + 1 if len(clusters) else 0,
-            "method": "percentile",
+            "method": "percentile, shifted by the bootstrap bias estimate",
         }
         result["ci"] = _bootstrap_ci_ranked(
             ranked, clusters, classes, groups, n_bootstrap, seed, ci

@@ -24,8 +24,11 @@ class AugmentConfig:
     hflip: float = 0.0
 
 
-def augment_batch(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator | None = None) -> torch.Tensor:
-    """x: normalised float (B, C, H, W)."""
+def augment_batch(
+    x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator | None = None, std: float = 1.0
+) -> torch.Tensor:
+    """x: normalised float (B, C, H, W); `std` is the normalisation's, so that `brightness`
+    is a fraction of the 0-255 range."""
     if not cfg.enabled:
         return x
     b = x.shape[0]
@@ -47,5 +50,5 @@ def augment_batch(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generato
     fill = x.amin(dim=(1, 2, 3), keepdim=True)
     x = F.grid_sample(x - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + fill
     gain = u(1 - cfg.contrast, 1 + cfg.contrast).view(b, 1, 1, 1).to(x.dtype)
-    bias = u(-cfg.brightness, cfg.brightness).view(b, 1, 1, 1).to(x.dtype) * 4
+    bias = u(-cfg.brightness, cfg.brightness).view(b, 1, 1, 1).to(x.dtype) / std
     return x * gain + bias

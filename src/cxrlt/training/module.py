@@ -50,7 +50,7 @@ class ImageClassifierModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x = self.model.normalise(batch["image"])
-        x = augment_batch(x, self.augment, self.aug_gen)
+        x = augment_batch(x, self.augment, self.aug_gen, std=self.model.cfg.std)
         logits = self.model.head(self.model.features(x))
         loss = self.criterion(logits, batch["target"], batch["mask"])
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(x))
