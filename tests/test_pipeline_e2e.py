@@ -124,3 +124,21 @@ def test_cxrlt_score_agrees_with_the_evaluate_stage(repo: Path):
         assert (scored["per_class"][c]["ap"] is None) == (ap is None)
         if ap is not None:
             assert scored["per_class"][c]["ap"] == pytest.approx(ap, abs=1e-9)
+
+
+def test_experiment_with_another_loss_is_compared(repo: Path):
+    """`dvc exp run -S loss=asl` runs; exp show / metrics diff / plots diff compare the runs."""
+    _run(["git", "add", "-A"], repo)
+    _run(["git", "commit", "-qm", "baseline run"], repo)
+    _run(["dvc", "exp", "run", "-S", "loss=asl", "-n", "asl-run"], repo)
+    shown = json.loads(_run(["dvc", "exp", "show", "--json"], repo).stdout)
+    names = []
+    for rev in shown:
+        names += [e.get("name") for e in (rev.get("experiments") or [])]
+    assert "asl-run" in names
+    table = _run(["dvc", "exp", "show", "--no-pager", "--csv"], repo).stdout
+    assert "asl-run" in table and "metrics/test.json:mAP" in table
+    diff = _run(["dvc", "metrics", "diff", "HEAD", "asl-run", "--json"], repo).stdout
+    assert "metrics/test.json" in json.loads(diff)
+    _run(["dvc", "plots", "diff", "HEAD", "asl-run", "-o", str(repo / "plots_diff")], repo)
+    assert (repo / "plots_diff" / "index.html").exists()
