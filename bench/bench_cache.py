@@ -60,7 +60,7 @@ def main() -> None:
         rows.append(("cache: draft decode + bilinear, 1 process", args.n / (time.perf_counter() - t)))
         manifest = pd.DataFrame({"image_id": [str(i) for i in range(args.n)], "path": paths})
         for workers in (1, 2):
-            rep = build_cache(manifest, root / f"cache{workers}", args.size, workers=workers, progress=False,
+            rep = build_cache(manifest, root / f"cache{workers}", args.size, workers=workers, progress=False, chunk=4,
                               partial_dir=root / "partial")
             rows.append((f"cache stage (build_cache), {workers} worker(s)", rep.images_per_second))
     print(f"{args.n} JPEGs of 2500x3000 px -> {args.size}px")
