@@ -41,6 +41,8 @@ def test_same_seed_same_weights_and_predictions(prepared, tmp_path: Path):
     df, cache_dir = prepared
     fit(df, CLASSES, cache_dir, _params(), tmp_path / "a.pt")
     fit(df, CLASSES, cache_dir, _params(), tmp_path / "b.pt")
+    # Byte-identical checkpoints: DVC sees the same output hash for the same run.
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()
     a = torch.load(tmp_path / "a.pt", weights_only=False)
     b = torch.load(tmp_path / "b.pt", weights_only=False)
     assert a["state_dict"].keys() == b["state_dict"].keys()

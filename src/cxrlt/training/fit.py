@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import tempfile
@@ -122,6 +123,10 @@ def fit(
 
 
 def save_checkpoint(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
+    """Atomic and byte-reproducible: torch.save names its zip folder after the file, so the
+    archive is built in memory (fixed name) rather than in a randomly named temp file."""
+    buffer = io.BytesIO()
+    torch.save({"state_dict": state_dict, **info}, buffer)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path, suffix=".pt") as tmp:
-        torch.save({"state_dict": state_dict, **info}, tmp)
+        tmp.write_bytes(buffer.getvalue())
