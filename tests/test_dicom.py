@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import struct
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
 from PIL import Image
+from png_chunks import png_chunks
 
 from cxrlt.data.dicom import convert_dicoms, dataset_to_array, dicom_to_array
 from cxrlt.errors import DataError
@@ -28,17 +28,6 @@ def _sample(name: str) -> Path:
 def _minmax(a: np.ndarray, top: int = 65535) -> np.ndarray:
     a = a.astype(np.float64)
     return (a - a.min()) / (a.max() - a.min()) * top
-
-
-def _png_chunks(path: Path) -> list[bytes]:
-    data = path.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    chunks, pos = [], 8
-    while pos < len(data):
-        (length,) = struct.unpack(">I", data[pos : pos + 4])
-        chunks.append(data[pos + 4 : pos + 8])
-        pos += 12 + length
-    return chunks
 
 
 def test_monochrome1_chest_is_inverted_so_lungs_are_dark() -> None:
@@ -107,7 +96,7 @@ def test_convert_writes_16_bit_png_without_metadata_and_resumes(tmp_path: Path) 
         assert not im.info and not im.text  # no text, no EXIF, nothing from the header
         pixels = np.array(im)
     np.testing.assert_array_equal(pixels, dicom_to_array(paths[0]))
-    assert set(_png_chunks(png)) == {b"IHDR", b"IDAT", b"IEND"}
+    assert set(png_chunks(png)) == {b"IHDR", b"IDAT", b"IEND"}
     ds = pydicom.dcmread(paths[0], stop_before_pixels=True)
     for value in (str(ds.PatientName), str(ds.PatientID)):
         assert value.encode() not in png.read_bytes()

@@ -7,7 +7,6 @@ check_files=True, the VinDr DICOMs are converted, the three manifests are cached
 from __future__ import annotations
 
 import hashlib
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ import pandas as pd
 import pydicom
 import pytest
 from PIL import Image
+from png_chunks import png_chunks
 
 from cxrlt.data import synth_render
 from cxrlt.data.cache import ImageCache, build_cache
@@ -289,16 +289,6 @@ def test_patient_level_val_split_on_nan_labels(manifests: dict[str, pd.DataFrame
         assert (again == split).all()
 
 
-def _png_chunks(path: Path) -> list[bytes]:
-    data = path.read_bytes()
-    chunks, pos = [], 8
-    while pos < len(data):
-        (length,) = struct.unpack(">I", data[pos : pos + 4])
-        chunks.append(data[pos + 4 : pos + 8])
-        pos += 12 + length
-    return chunks
-
-
 def test_converted_vindr_pngs_match_the_drawing_and_carry_no_patient_data(
     ext: Path, vindr_png: Path
 ) -> None:
@@ -308,7 +298,7 @@ def test_converted_vindr_pngs_match_the_drawing_and_carry_no_patient_data(
     )
     for job in plan.jobs:
         png = vindr_png / f"{Path(job.path).stem}.png"
-        assert set(_png_chunks(png)) == {b"IHDR", b"IDAT", b"IEND"}
+        assert set(png_chunks(png)) == {b"IHDR", b"IDAT", b"IEND"}
         raw = png.read_bytes()
         assert (
             job.dicom.patient_name.encode() not in raw and job.dicom.patient_id.encode() not in raw
