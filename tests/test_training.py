@@ -74,3 +74,44 @@ def test_checkpoint_must_match_exactly(prepared, tmp_path: Path):
     torch.save(ckpt, tmp_path / "broken.pt")
     with pytest.raises(RuntimeError, match="Missing key"):
         load_checkpoint(tmp_path / "broken.pt")
+
+
+DDP_SCRIPT = """
+import sys, json
+import pandas as pd
+from cxrlt.training.fit import fit
+from cxrlt.labels import TASK1_CLASSES
+if __name__ == "__main__":
+    df = pd.read_parquet(sys.argv[1])
+    params = json.loads(sys.argv[3])
+    fit(df, list(TASK1_CLASSES), sys.argv[2], params, sys.argv[4])
+"""
+
+
+def test_ddp_on_two_cpu_processes_gathers_validation_once(prepared, tmp_path: Path):
+    """Lightning DDP (2 CPU processes, gloo): val mAP is computed on all val images, each once."""
+    import json
+    import subprocess
+    import sys
+
+    from cxrlt import metrics
+    from cxrlt.data.manifest import label_matrix
+
+    df, cache_dir = prepared
+    val = df[df["split"] == "val"]
+    if len(val) % 2 == 0:  # an odd count makes DistributedSampler pad one rank with a repeat
+        df = df.drop(index=val.index[0])
+    df.to_parquet(tmp_path / "m.parquet")
+    params = _params()
+    params["train"].update({"accelerator": "cpu", "devices": 2, "strategy": "ddp"})
+    script = tmp_path / "ddp_fit.py"
+    script.write_text(DDP_SCRIPT)
+    res = subprocess.run([sys.executable, str(script), str(tmp_path / "m.parquet"), str(cache_dir),
+                          json.dumps(params), str(tmp_path / "ddp.pt")], capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    model, info = load_checkpoint(tmp_path / "ddp.pt")
+    val = df[df["split"] == "val"]
+    p = predict(model, ImageCache(cache_dir), val["image_id"])
+    expected = float(np.nanmean(metrics.average_precision(label_matrix(val, CLASSES), p)))
+    assert info["val_mAP"] == pytest.approx(expected, abs=1e-4)

@@ -58,12 +58,31 @@ def create_backbone(cfg: ModelConfig) -> nn.Module:
         raise
 
 
+def freeze_unused(backbone: nn.Module, in_chans: int) -> list[str]:
+    """Stop training parameters that `forward_features` never touches (e.g. timm's `conv_head`
+    of MobileNetV3, ConvNeXt's head norm): DDP refuses unused trainable parameters, and the
+    optimizer would only decay them. Found by one tiny backward pass; returns their names."""
+    was_training = backbone.training
+    backbone.eval()  # eval: BatchNorm statistics (pretrained ones too) stay untouched
+    x = torch.zeros(1, in_chans, 64, 64)
+    backbone.forward_features(x).float().sum().backward()
+    unused = []
+    for name, p in backbone.named_parameters():
+        if p.grad is None and p.requires_grad:
+            p.requires_grad_(False)
+            unused.append(name)
+        p.grad = None
+    backbone.train(was_training)
+    return unused
+
+
 class Classifier(nn.Module):
     def __init__(self, cfg: ModelConfig, num_classes: int):
         super().__init__()
         self.cfg = cfg
         self.num_classes = num_classes
         self.backbone = create_backbone(cfg)
+        self.unused_backbone_params = freeze_unused(self.backbone, cfg.in_chans)
         self.num_features = int(self.backbone.num_features)
         self.head = build_head(cfg.head, self.num_features, num_classes, **cfg.head_args)
 

@@ -118,7 +118,8 @@ def fit(
         "loss": params["loss"],
         "seed": seed,
     }
-    save_checkpoint(out_checkpoint, module.model.state_dict(), info)
+    if trainer.is_global_zero:  # under DDP every rank holds the same weights; one writes
+        save_checkpoint(out_checkpoint, module.model.state_dict(), info)
     return info
 
 

@@ -44,6 +44,7 @@ class ImageClassifierModule(L.LightningModule):
         self._val_scores: list[torch.Tensor] = []
         self._val_targets: list[torch.Tensor] = []
         self._val_masks: list[torch.Tensor] = []
+        self._val_index: list[torch.Tensor] = []
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
@@ -63,20 +64,27 @@ class ImageClassifierModule(L.LightningModule):
         self._val_scores.append(torch.sigmoid(logits.float()))
         self._val_targets.append(batch["target"])
         self._val_masks.append(batch["mask"])
+        self._val_index.append(batch["index"])
 
     def on_validation_epoch_end(self) -> None:
         from cxrlt.metrics import average_precision
 
         if not self._val_scores:
             return
-        scores, targets, masks = (torch.cat(v) for v in (self._val_scores, self._val_targets, self._val_masks))
+        parts = (self._val_scores, self._val_targets, self._val_masks, self._val_index)
+        scores, targets, masks, index = (torch.cat(v) for v in parts)
         # States are reset every epoch, and under DDP AP is computed on the gathered
         # predictions of all ranks, never averaged per rank.
-        self._val_scores.clear()
-        self._val_targets.clear()
-        self._val_masks.clear()
+        for v in parts:
+            v.clear()
         if self.trainer.world_size > 1:
-            scores, targets, masks = (self.all_gather(t).flatten(0, 1) for t in (scores, targets, masks))
+            scores, targets, masks, index = (
+                self.all_gather(t).flatten(0, 1) for t in (scores, targets, masks, index)
+            )
+            # DistributedSampler pads ranks to equal length by repeating images: count each once.
+            _, first = np.unique(index.cpu().numpy(), return_index=True)
+            keep = torch.as_tensor(first, device=scores.device)
+            scores, targets, masks = scores[keep], targets[keep], masks[keep]
         y = torch.where(masks, targets, torch.nan).cpu().numpy()
         ap = average_precision(y, scores.cpu().numpy())
         self.log("val/mAP", float(np.nanmean(ap)) if np.isfinite(ap).any() else 0.0, prog_bar=True)
