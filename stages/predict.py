@@ -1,12 +1,13 @@
 """Stage predict: probabilities for val/dev/test images and the CXR-LT test submission."""
 
 import pandas as pd
-from cxrlt.submission import predictions_frame, write_submission
 
 from cxrlt.data.cache import ImageCache
 from cxrlt.inference import load_checkpoint, predict
+from cxrlt.io import write_parquet
 from cxrlt.params import load_params
 from cxrlt.stage import run_stage
+from cxrlt.submission import predictions_frame, write_submission
 
 
 def main() -> None:
@@ -18,8 +19,6 @@ def main() -> None:
     probs = predict(model, ImageCache(params["cache"]["dir"]), rows["image_id"],
                     batch_size=int(p["batch_size"]), tta_hflip=bool(p["tta_hflip"]))
     preds = predictions_frame(rows, info["classes"], probs)
-    from cxrlt.io import write_parquet
-
     write_parquet(p["out"], preds)
     test = preds[preds["split"] == "test"]
     write_submission(p["submission"], test, info["classes"])
