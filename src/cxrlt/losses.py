@@ -8,7 +8,7 @@ where the label is unknown, so external sources with unannotated classes train c
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -16,16 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from cxrlt.errors import DataError
+from cxrlt.registry import Registry
 
-LOSSES: dict[str, Callable[..., nn.Module]] = {}
-
-
-def register(name: str) -> Callable:
-    def deco(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        LOSSES[name] = builder
-        return builder
-
-    return deco
+LOSSES = Registry("loss", "losses")
 
 
 def _masked_mean(loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -99,12 +92,12 @@ class AsymmetricLoss(nn.Module):
         return _masked_mean(-(loss_pos + loss_neg), mask)
 
 
-@register("bce")
+@LOSSES.register("bce")
 def _bce(prevalence: np.ndarray | None = None) -> nn.Module:
     return BCE()
 
 
-@register("wbce")
+@LOSSES.register("wbce")
 def _wbce(prevalence: np.ndarray | None = None, max_weight: float = 50.0) -> nn.Module:
     """BCE with pos_weight = negatives / positives (clipped), from training prevalence."""
     if prevalence is None:
@@ -113,12 +106,12 @@ def _wbce(prevalence: np.ndarray | None = None, max_weight: float = 50.0) -> nn.
     return BCE(pos_weight=torch.as_tensor(np.minimum((1 - p) / p, max_weight)))
 
 
-@register("focal")
+@LOSSES.register("focal")
 def _focal(prevalence: np.ndarray | None = None, gamma: float = 2.0, alpha: float | None = None) -> nn.Module:
     return FocalLoss(gamma=gamma, alpha=alpha)
 
 
-@register("asl")
+@LOSSES.register("asl")
 def _asl(
     prevalence: np.ndarray | None = None,
     gamma_neg: float = 4.0,
@@ -132,10 +125,9 @@ def _asl(
 
 def build_loss(name: str, settings: Mapping | None, prevalence: np.ndarray | None) -> nn.Module:
     """Build the loss `name` with its `losses.<name>` settings; unknown names list valid ones."""
-    if name not in LOSSES:
-        raise DataError(f"unknown loss {name!r}; valid losses: {', '.join(sorted(LOSSES))}")
+    builder = LOSSES.get_builder(name)
     kwargs = dict(settings or {})
     try:
-        return LOSSES[name](prevalence=prevalence, **kwargs)
+        return builder(prevalence=prevalence, **kwargs)
     except TypeError as e:
         raise DataError(f"params losses.{name}: {e}") from None

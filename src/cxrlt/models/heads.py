@@ -2,22 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 
-from cxrlt.errors import DataError
+from cxrlt.registry import Registry
 
-HEADS: dict[str, Callable[..., nn.Module]] = {}
-
-
-def register(name: str) -> Callable:
-    def deco(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        HEADS[name] = builder
-        return builder
-
-    return deco
+HEADS = Registry("head")
 
 
 class LinearHead(nn.Module):
@@ -33,12 +23,10 @@ class LinearHead(nn.Module):
         return self.fc(self.drop(features.mean(dim=(2, 3))))
 
 
-@register("linear")
+@HEADS.register("linear")
 def _linear(in_features: int, num_classes: int, dropout: float = 0.0) -> nn.Module:
     return LinearHead(in_features, num_classes, dropout)
 
 
 def build_head(name: str, in_features: int, num_classes: int, **kwargs: object) -> nn.Module:
-    if name not in HEADS:
-        raise DataError(f"unknown head {name!r}; valid heads: {', '.join(sorted(HEADS))}")
-    return HEADS[name](in_features, num_classes, **kwargs)
+    return HEADS.get_builder(name)(in_features, num_classes, **kwargs)
