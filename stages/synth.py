@@ -1,9 +1,9 @@
 """Stage synth: write the built-in dataset in the MIMIC-CXR-JPG + CXR-LT 2024 layout."""
 
-from cxrlt.data.synth import SynthConfig, write_dataset
-from cxrlt.data.synth_external import write_external
 from cxrlt.params import load_params
 from cxrlt.stage import run_stage
+from cxrlt.synth.external import write_external
+from cxrlt.synth.mimic import SynthConfig, write_dataset
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ TINY_SYNTH = {"n_patients": 60, "seed": 3, "height": 96, "width_range": [80, 112
 @pytest.fixture(scope="session")
 def tiny_synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`<root>/mimic-cxr-jpg/files/...` + `<root>/cxr-lt-2024/*.csv` for 60 patients."""
-    from cxrlt.data.synth import SynthConfig, write_dataset
+    from cxrlt.synth.mimic import SynthConfig, write_dataset
 
     root = tmp_path_factory.mktemp("synth")
     write_dataset(root, SynthConfig.from_params(TINY_SYNTH))

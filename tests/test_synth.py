@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from cxrlt.data.synth import META, SynthConfig, make_metadata
 from cxrlt.labels import TASK1_CLASSES, TASK2_CLASSES, TASK3_CLASSES
+from cxrlt.synth.mimic import META, SynthConfig, make_metadata
 
 
 def test_files_in_the_real_layout(tiny_synth: Path):
@@ -86,7 +86,7 @@ def _digest(root: Path) -> str:
 
 
 def test_deterministic_for_a_seed(tmp_path: Path):
-    from cxrlt.data.synth import write_dataset
+    from cxrlt.synth.mimic import write_dataset
 
     cfg = SynthConfig(n_patients=8, seed=5, height=64, width_range=(56, 72), workers=1,
                       min_positives={"train": 1})

@@ -16,7 +16,6 @@ import pytest
 from PIL import Image
 from png_chunks import png_chunks
 
-from cxrlt.data import synth_render
 from cxrlt.data.cache import ImageCache, build_cache
 from cxrlt.data.chexpert import CHEXPERT_LABELS, read_chexpert
 from cxrlt.data.dicom import convert_dicoms
@@ -24,7 +23,11 @@ from cxrlt.data.harmonise import DROPPED_LABELS, LABEL_MAP, source_label_names
 from cxrlt.data.manifest import META_COLUMNS, label_matrix, validate_manifest
 from cxrlt.data.nih import read_nih
 from cxrlt.data.splits import patient_val_split
-from cxrlt.data.synth_external import (
+from cxrlt.data.vindr import dicom_paths, read_vindr
+from cxrlt.errors import DataError
+from cxrlt.labels import TASK1_CLASSES
+from cxrlt.synth.anatomy import sample_anatomy
+from cxrlt.synth.external import (
     CHEXPERT_VALUES,
     NIH_PREVALENCE,
     RENDER_PROXY,
@@ -36,9 +39,8 @@ from cxrlt.data.synth_external import (
     write_nih,
     write_vindr,
 )
-from cxrlt.data.vindr import dicom_paths, read_vindr
-from cxrlt.errors import DataError
-from cxrlt.labels import TASK1_CLASSES
+from cxrlt.synth.findings import FINDINGS
+from cxrlt.synth.render import render
 
 CLASSES = list(TASK1_CLASSES)
 TINY = {"nih": 8, "chexpert": 10, "vindr": 16, "seed": 5, "height": 64, "width_range": [56, 72],
@@ -90,7 +92,7 @@ def test_label_tables_cover_each_source_and_draw_known_findings() -> None:
     assert set(CHEXPERT_VALUES) == set(CHEXPERT_LABELS)
     assert set(VINDR_PREVALENCE) == set(VINDR_CLASS_ID) == set(source_label_names("vindr"))
     assert set(RENDER_PROXY) == set(DROPPED_LABELS["vindr"])
-    drawable = set(synth_render.FINDINGS)
+    drawable = set(FINDINGS)
     for source, table in LABEL_MAP.items():
         for targets in table.values():
             assert {t for t in targets if t != "Normal"} <= drawable, source
@@ -306,9 +308,9 @@ def test_converted_vindr_pngs_match_the_drawing_and_carry_no_patient_data(
         with Image.open(png) as im:
             assert im.mode.startswith("I;16") and im.size == (job.width, job.height)
             out = np.asarray(im, dtype=np.float64)
-        anatomy = synth_render.sample_anatomy(np.random.default_rng(job.patient_seed))
-        drawn = synth_render.render(job.findings, job.view, anatomy,
-                                    np.random.default_rng(job.image_seed), job.height, job.width)  # fmt: skip
+        anatomy = sample_anatomy(np.random.default_rng(job.patient_seed))
+        drawn = render(job.findings, job.view, anatomy,
+                       np.random.default_rng(job.image_seed), job.height, job.width)  # fmt: skip
         # MONOCHROME1 inverted back, rescale and window applied: the drawing comes back.
         assert np.corrcoef(out.ravel(), drawn.ravel())[0, 1] > 0.99, job.dicom
         clipped = np.mean((out == 0) | (out == 65535))

@@ -1,4 +1,4 @@
-"""Tests of the synthetic chest-radiograph renderer (cxrlt.data.synth_render).
+"""Tests of the synthetic chest-radiograph renderer (cxrlt.synth.render).
 
 Coordinates below are fractions of the image: x from the image's left (the patient's right on
 a frontal view), y from the top. Regions are generous because every image is slightly
@@ -10,8 +10,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cxrlt.data import synth_render as sr
-from cxrlt.data.synth_render import FINDINGS, LATERAL_VISIBLE, render, sample_anatomy
 from cxrlt.labels import (
     TASK1_CLASSES,
     TASK1_TRAIN_COUNTS,
@@ -19,12 +17,15 @@ from cxrlt.labels import (
     TASK3_CLASSES,
     frequency_groups,
 )
+from cxrlt.synth.anatomy import Anatomy, sample_anatomy
+from cxrlt.synth.findings import CONSPICUITY, FINDINGS, LATERAL_VISIBLE, SIGNS
+from cxrlt.synth.render import render
 
 SIZE = 128
 SEEDS = (0, 1)
 
 
-def _anatomy(seed: int) -> sr.Anatomy:
+def _anatomy(seed: int) -> Anatomy:
     return sample_anatomy(np.random.default_rng(1000 + seed))
 
 
@@ -59,6 +60,15 @@ def test_findings_are_task1_then_task3_classes():
     assert len(set(FINDINGS)) == 45
     assert LATERAL_VISIBLE.issubset(FINDINGS)
     assert "Kyphosis" in LATERAL_VISIBLE and "Normal" not in LATERAL_VISIBLE
+
+
+def test_signs_table_lists_every_finding_once_with_functions_in_the_findings_package():
+    assert tuple(SIGNS) == FINDINGS
+    for name, steps in SIGNS.items():
+        fns = [fn for fn in steps if fn is not None]
+        assert fns or name == "Normal", name
+        for fn in fns:
+            assert fn.__module__.startswith("cxrlt.synth.findings."), (name, fn.__module__)
 
 
 @pytest.mark.parametrize("view", ["frontal", "lateral"])
@@ -235,7 +245,7 @@ def test_mass_is_larger_than_nodule():
 
 @pytest.mark.parametrize("finding", [f for f in FINDINGS if f != "Normal"])
 def test_zero_conspicuity_switches_a_finding_off(monkeypatch, finding):
-    monkeypatch.setitem(sr.CONSPICUITY, finding, 0.0)
+    monkeypatch.setitem(CONSPICUITY, finding, 0.0)
     view = "lateral" if finding == "Kyphosis" else "frontal"
     assert np.array_equal(_img([finding], view), _img([], view))
 
@@ -243,5 +253,5 @@ def test_zero_conspicuity_switches_a_finding_off(monkeypatch, finding):
 @pytest.mark.parametrize("finding", ["Lung Opacity", "Cardiomegaly", "Rib Fracture"])
 def test_conspicuity_scales_a_finding(monkeypatch, finding):
     full = _energy(finding, seeds=[0])
-    monkeypatch.setitem(sr.CONSPICUITY, finding, 0.5)
+    monkeypatch.setitem(CONSPICUITY, finding, 0.5)
     assert 0 < _energy(finding, seeds=[0]) < full

@@ -1,1 +1,2 @@
-"""Data: the built-in dataset, source adapters, the manifest contract, splits and the image cache."""
+"""Data: source adapters, the manifest contract, splits and the image cache (the built-in
+dataset is `cxrlt.synth`)."""

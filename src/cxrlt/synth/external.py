@@ -21,7 +21,7 @@ exactly the files and columns of the official download, nothing more:
 Labels are sampled in each source's own label space with rough real prevalences (the
 constants below were measured on the real metadata that torchxrayvision ships), with a
 floor of `min_positives` per label so that every label is exercised. The images are drawn
-by `synth_render` from the CXR-LT finding that `harmonise.LABEL_MAP` maps each source label
+by `cxrlt.synth.render` from the CXR-LT finding that `harmonise.LABEL_MAP` maps each source label
 to (a label with several targets draws one of them; labels harmonise drops draw the visual
 proxy in `RENDER_PROXY`). Everything is a function of the seed: per-image seeds are drawn
 up front, so the files are byte-identical whatever the worker count.
@@ -42,6 +42,8 @@ from PIL import Image
 from cxrlt.data.harmonise import LABEL_MAP, source_label_names
 from cxrlt.errors import DataError
 from cxrlt.io import atomic_path, write_csv, write_text
+from cxrlt.synth.anatomy import sample_anatomy
+from cxrlt.synth.render import render
 
 SOURCES: tuple[str, ...] = ("nih", "chexpert", "vindr")
 
@@ -202,11 +204,9 @@ class _Job:
 
 
 def _render_job(job: _Job) -> None:
-    from cxrlt.data import synth_render
-
-    anatomy = synth_render.sample_anatomy(np.random.default_rng(job.patient_seed))
+    anatomy = sample_anatomy(np.random.default_rng(job.patient_seed))
     rng = np.random.default_rng(job.image_seed)
-    img = synth_render.render(job.findings, job.view, anatomy, rng, job.height, job.width)
+    img = render(job.findings, job.view, anatomy, rng, job.height, job.width)
     if job.kind == "png":
         with atomic_path(job.path, suffix=".png") as tmp:
             Image.fromarray(img).save(tmp, format="PNG", compress_level=3)

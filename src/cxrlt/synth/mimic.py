@@ -2,7 +2,7 @@
 
 Labels follow the real Task 1 training frequencies scaled down (with a floor so tail
 classes keep a few positives in every split), studies hold 1-4 views, patients hold several
-studies, and each image is drawn by `synth_render` from its study's findings. Writing the
+studies, and each image is drawn by `cxrlt.synth.render` from its study's findings. Writing the
 real layout means the demo runs the same adapter code as real data.
 """
 
@@ -28,6 +28,8 @@ from cxrlt.labels import (
     TASK2_CLASSES,
     TASK3_CLASSES,
 )
+from cxrlt.synth.anatomy import sample_anatomy
+from cxrlt.synth.render import render
 
 META = ["dicom_id", "subject_id", "study_id", "ViewPosition", "ViewCodeSequence_CodeMeaning", "fpath"]
 
@@ -217,11 +219,9 @@ def _pick(rng: np.random.Generator, table: tuple) -> tuple[str, str]:
 
 
 def _render_one(args: tuple) -> None:
-    from cxrlt.data import synth_render
-
     path, findings, view, patient_seed, image_seed, height, width, quality = args
-    anatomy = synth_render.sample_anatomy(np.random.default_rng(patient_seed))
-    img = synth_render.render(findings, view, anatomy, np.random.default_rng(image_seed), height, width)
+    anatomy = sample_anatomy(np.random.default_rng(patient_seed))
+    img = render(findings, view, anatomy, np.random.default_rng(image_seed), height, width)
     with atomic_path(path, suffix=".jpg") as tmp:
         Image.fromarray(img).save(tmp, format="JPEG", quality=quality)
 
