@@ -32,3 +32,4 @@ bench: setup
 	$(PY) bench/bench_metrics.py
 	$(PY) bench/bench_cache.py
 	$(PY) bench/bench_train.py
+	$(PY) bench/bench_bootstrap_coverage.py

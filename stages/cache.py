@@ -7,11 +7,9 @@ default; the external sources pass their own manifest and folder.
 import argparse
 from pathlib import Path
 
-import pandas as pd
-
 from cxrlt.data.cache import build_cache
-from cxrlt.params import load_params
-from cxrlt.stage import run_stage
+from cxrlt.params import load_params, section
+from cxrlt.stage import read_parquet, run_stage
 
 
 def main() -> None:
@@ -23,8 +21,11 @@ def main() -> None:
     c = params["cache"]
     manifest_path = args.manifest or params["data"]["manifest"]
     out = args.out or c["dir"]
-    report = build_cache(pd.read_parquet(manifest_path), out, int(c["size"]), workers=int(c["workers"]),
-                         on_error=c["on_error"], partial_dir=f"data/tmp/cache-partial/{Path(out).name}")
+    manifest = read_parquet(manifest_path, "--manifest" if args.manifest else "data.manifest",
+                            "prepare_external" if args.manifest else "prepare")
+    report = build_cache(manifest, out, int(c["size"]), workers=int(c["workers"]),
+                         on_error=c["on_error"], partial_dir=f"data/tmp/cache-partial/{Path(out).name}",
+                         bits_stored=section(params, "cache.bits_stored"))
     print(f"cache {manifest_path}: {report.n_images} images at {report.size}px in {report.seconds:.1f}s "
           f"({report.images_per_second:.0f} img/s), {len(report.failed)} unreadable -> {out}")
 

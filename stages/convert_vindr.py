@@ -1,7 +1,9 @@
 """Stage convert_vindr: VinDr-CXR DICOMs -> PNGs without patient metadata (16-bit by default).
 
 Converts every image that `train.csv` lists into `external.sources.vindr.png_root`, the
-folder the VinDr manifest's paths point at. Settings under `external.dicom`.
+folder the VinDr manifest's paths point at. Settings under `external.dicom`. The folder
+persists between runs; `provenance.json` there records what made each PNG, and a PNG made
+with other settings or code, or from another source file, is converted again.
 """
 
 from pathlib import Path

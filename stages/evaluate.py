@@ -1,20 +1,21 @@
 """Stage evaluate: metrics JSON, DVC plot data, figures and a report for dev and test."""
 
-import pandas as pd
-
 from cxrlt.evaluation import run
 from cxrlt.inference import load_checkpoint
-from cxrlt.params import load_params
-from cxrlt.stage import run_stage
+from cxrlt.params import load_params, section
+from cxrlt.stage import read_parquet, run_stage
 
 
 def main() -> None:
     params = load_params()
-    _, info = load_checkpoint(params["train"]["checkpoint"])
-    preds = pd.read_parquet(params["predict"]["out"])
-    manifest = pd.read_parquet(params["data"]["manifest"])
+    _, info = load_checkpoint(section(params, "train.checkpoint"))
+    preds = read_parquet(section(params, "predict.out"), "predict.out", "predict")
+    manifest = read_parquet(section(params, "data.manifest"), "data.manifest", "prepare")
     summaries = run(preds, manifest, info, params)
     for split, s in summaries.items():
+        if not s["labelled"]:
+            print(f"evaluate {split}: unlabelled ({s['n_images']} images; predictions only)")
+            continue
         shown = ", ".join(f"{k} {_fmt(s.get(k))}" for k in
                           ("mAP", "prevalence_baseline_mAP", "mAP_head", "mAP_medium", "mAP_tail", "mAUROC"))
         print(f"evaluate {split}: {shown}")

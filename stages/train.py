@@ -1,17 +1,15 @@
 """Stage train: fit the image-level classifier (loss, model, schedule from params)."""
 
-import pandas as pd
-
 from cxrlt.labels import training_classes
 from cxrlt.params import load_params
-from cxrlt.stage import run_stage
+from cxrlt.stage import read_parquet, run_stage
 from cxrlt.training.fit import fit
 
 
 def main() -> None:
     params = load_params()
     classes = list(training_classes(params["task"]))
-    manifest = pd.read_parquet(params["data"]["manifest"])
+    manifest = read_parquet(params["data"]["manifest"], "data.manifest", "prepare")
     t = params["train"]
     info = fit(manifest, classes, params["cache"]["dir"], params, t["checkpoint"], live_dir=t["live_dir"])
     print(f"train: best val mAP {info['val_mAP']:.4f} -> {t['checkpoint']}")

@@ -91,3 +91,63 @@ def test_skip_policy_records_and_marks(tmp_path: Path):
     assert len(report.failed) == 1 and "2.jpg" in report.failed[0]
     cache = ImageCache(tmp_path / "cache")
     assert cache.ok.tolist() == [True, True, False, True]
+
+
+def test_sixteen_bit_images_scale_by_declared_depth_not_their_maximum(tmp_path: Path):
+    """12-bit values in a 16-bit PNG fill the range when declared; a dark 16-bit image stays dark."""
+    ramp = np.linspace(0, 4095, 64 * 64).reshape(64, 64).astype(np.uint16)
+    twelve = _write(tmp_path / "twelve.png", ramp, "PNG")
+    with Image.open(twelve) as im:
+        assert im.mode == "I;16"
+    out = load_resized(twelve, 64, bits_stored=12)
+    np.testing.assert_array_equal(out, np.floor(ramp * (255 / 4095) + 0.5).astype(np.uint8))
+    # Undeclared, the same file is read as full-range 16-bit: dark, never stretched by a guess.
+    assert load_resized(twelve, 64).max() == round(4095 * 255 / 65535)
+    dark = np.full((64, 64), 200, np.uint16)
+    dark[:32] = 40
+    out = load_resized(_write(tmp_path / "dark.png", dark, "PNG"), 64)
+    assert out.max() <= 1  # 200 / 65535 of white, not 200 / 255
+    assert load_resized(_write(tmp_path / "dark8.png", dark.astype(np.uint8), "PNG"), 64).max() == 200
+    with pytest.raises(DataError, match="cache.bits_stored"):
+        build_cache(_manifest([twelve]), tmp_path / "c", 16, bits_stored=20, progress=False)
+
+
+def test_partial_cache_of_other_settings_or_code_is_not_continued(tmp_path: Path, monkeypatch):
+    """A killed build resumes only under the same bit depth and code; otherwise it starts over."""
+    import cxrlt.data.cache as cache_mod
+
+    values = [500 * (i + 1) for i in range(6)]
+    paths = [_write(tmp_path / f"{i}.png", np.full((40, 40), v, np.uint16), "PNG")
+             for i, v in enumerate(values)]  # fmt: skip
+    good = Path(paths[5]).read_bytes()
+    Path(paths[5]).write_bytes(b"not an image")
+    m = _manifest(paths)
+    partial = tmp_path / "partial"
+    with pytest.raises(DataError, match="1 unreadable images"):
+        build_cache(m, tmp_path / "cache", 16, workers=1, chunk=2, progress=False, partial_dir=partial)
+    left = sorted(p.name for p in partial.iterdir())
+    assert len(left) == 3  # pixels, done-mask, failures of the 16-bit build
+    Path(paths[5]).write_bytes(good)
+    report = build_cache(m, tmp_path / "cache", 16, workers=1, chunk=2, progress=False,
+                         partial_dir=partial, bits_stored=12)  # fmt: skip
+    assert report.resumed_from == 0
+    rows = ImageCache(tmp_path / "cache").images[:, 8, 8]
+    np.testing.assert_array_equal(rows, [min(255, round(v * 255 / 4095)) for v in values])
+    assert not set(left) & {p.name for p in partial.iterdir()}  # the stale partial is gone
+
+    # The same settings under other code: no resume either.
+    Path(paths[5]).write_bytes(b"not an image")
+    with pytest.raises(DataError):
+        build_cache(m, tmp_path / "cache2", 16, workers=1, chunk=2, progress=False, partial_dir=partial)
+    Path(paths[5]).write_bytes(good)
+    monkeypatch.setattr(cache_mod, "CODE_VERSION", "another version")
+    report = build_cache(m, tmp_path / "cache2", 16, workers=1, chunk=2, progress=False, partial_dir=partial)
+    assert report.resumed_from == 0
+    monkeypatch.undo()
+    # Unchanged settings and code: the partial build is continued (the resumable path).
+    Path(paths[5]).write_bytes(b"not an image")
+    with pytest.raises(DataError):
+        build_cache(m, tmp_path / "cache3", 16, workers=1, chunk=2, progress=False, partial_dir=partial)
+    Path(paths[5]).write_bytes(good)
+    report = build_cache(m, tmp_path / "cache3", 16, workers=1, chunk=2, progress=False, partial_dir=partial)
+    assert report.resumed_from == 5

@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 from png_chunks import png_chunks
 
-from cxrlt.data.dicom import convert_dicoms, dataset_to_array, dicom_to_array
+import cxrlt.data.dicom as dicom
+from cxrlt.data.dicom import convert_dicoms, dataset_to_array, dicom_to_array, read_provenance
 from cxrlt.errors import DataError
 
 pytest.importorskip("pydicom.data")
@@ -100,14 +101,13 @@ def test_convert_writes_16_bit_png_without_metadata_and_resumes(tmp_path: Path) 
     ds = pydicom.dcmread(paths[0], stop_before_pixels=True)
     for value in (str(ds.PatientName), str(ds.PatientID)):
         assert value.encode() not in png.read_bytes()
-    assert sorted(p.name for p in out_dir.iterdir()) == ["RG3_UNCI.png", "vlut_04.png"]  # no temps
+    names = sorted(p.name for p in out_dir.iterdir())
+    assert names == ["RG3_UNCI.png", "provenance.json", "vlut_04.png"]  # no temps
 
     again = convert_dicoms(paths, out_dir, workers=1, progress=False)
     assert not again.converted and len(again.skipped) == 2
-    redo = convert_dicoms(paths[1:], out_dir, bits=8, workers=1, overwrite=True, progress=False)
-    assert len(redo.converted) == 1
-    with Image.open(out_dir / "vlut_04.png") as im:
-        assert im.mode == "L"
+    redo = convert_dicoms(paths, out_dir, workers=1, overwrite=True, progress=False)
+    assert len(redo.converted) == 2
 
 
 def test_unreadable_dicoms_are_skipped_or_fail(tmp_path: Path) -> None:
@@ -120,7 +120,7 @@ def test_unreadable_dicoms_are_skipped_or_fail(tmp_path: Path) -> None:
     report = convert_dicoms(paths, tmp_path / "skip", workers=2, on_error="skip", progress=False)
     assert [Path(p).name for p in report.converted] == ["vlut_04.png"]
     assert set(report.failed) == {str(garbage), str(truncated)}
-    assert sorted(p.name for p in (tmp_path / "skip").iterdir()) == ["vlut_04.png"]
+    assert sorted(p.name for p in (tmp_path / "skip").iterdir()) == ["provenance.json", "vlut_04.png"]
     with pytest.raises(DataError, match="2 DICOM files could not be converted: .*garbage.dicom"):
         convert_dicoms(paths, tmp_path / "fail", workers=1, on_error="fail", progress=False)
     assert (tmp_path / "fail" / "vlut_04.png").exists()  # the good one is kept for a rerun
@@ -134,3 +134,66 @@ def test_rejects_colour_and_clashing_names(tmp_path: Path) -> None:
     clash = [tmp_path / "a" / "x.dicom", tmp_path / "b" / "x.dcm"]
     with pytest.raises(DataError, match="would both be written to"):
         convert_dicoms(clash, tmp_path / "png", progress=False)
+
+
+def _modes(out_dir: Path) -> dict[str, str]:
+    modes = {}
+    for png in sorted(out_dir.glob("*.png")):
+        with Image.open(png) as im:
+            modes[png.name] = im.mode
+    return modes
+
+
+def test_changed_settings_or_code_redo_the_persisted_pngs(tmp_path: Path, monkeypatch) -> None:
+    """The output folder persists between runs: a PNG is reused only if its record matches."""
+    paths = [_sample("RG3_UNCI.dcm"), _sample("vlut_04.dcm")]
+    out = tmp_path / "png"
+    convert_dicoms(paths, out, bits=16, workers=1, progress=False, compress_level=1)
+    assert set(_modes(out).values()) == {"I;16"}
+    record = read_provenance(out)["vlut_04.png"]
+    assert record["source"] == str(paths[1]) and record["bits"] == 16
+    assert record["source_bytes"] == paths[1].stat().st_size and record["code"] == dicom.CODE_VERSION
+
+    eight = convert_dicoms(paths, out, bits=8, workers=1, progress=False, compress_level=1)
+    assert len(eight.converted) == 2 and not eight.skipped
+    assert set(_modes(out).values()) == {"L"}
+    assert convert_dicoms(paths, out, bits=8, workers=1, progress=False).skipped  # up to date
+
+    monkeypatch.setattr(dicom, "CODE_VERSION", "changed conversion code")
+    again = convert_dicoms(paths, out, bits=8, workers=1, progress=False, compress_level=1)
+    assert len(again.converted) == 2
+    assert {r["code"] for r in read_provenance(out).values()} == {"changed conversion code"}
+
+    # A PNG nobody recorded (an older pipeline's, or written just before a kill) is redone,
+    # and a PNG whose source is no longer listed is removed with its record.
+    (out / "provenance.json").unlink()
+    fewer = convert_dicoms(paths[1:], out, bits=8, workers=1, progress=False, compress_level=1)
+    assert [Path(p).name for p in fewer.converted] == ["vlut_04.png"]
+    assert [Path(p).name for p in fewer.removed] == ["RG3_UNCI.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["provenance.json", "vlut_04.png"]
+    assert list(read_provenance(out)) == ["vlut_04.png"]
+
+
+def test_a_run_killed_mid_way_leaves_no_record_a_stale_png_could_pass(tmp_path: Path, monkeypatch) -> None:
+    """Killed while redoing 16-bit PNGs as 8-bit: going back to 16 bits must redo the 8-bit one."""
+    paths = [_sample("RG3_UNCI.dcm"), _sample("vlut_04.dcm")]
+    out = tmp_path / "png"
+    convert_dicoms(paths, out, bits=16, workers=1, progress=False, compress_level=1)
+    real_write_png = dicom.write_png
+    written: list[str] = []
+
+    def write_then_die(arr: np.ndarray, path: str, compress_level: int = 3) -> None:
+        if written:
+            raise KeyboardInterrupt  # the second image: the run is killed
+        real_write_png(arr, path, compress_level=compress_level)
+        written.append(Path(path).name)
+
+    monkeypatch.setattr(dicom, "write_png", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        convert_dicoms(paths, out, bits=8, workers=1, progress=False, compress_level=1)
+    monkeypatch.undo()
+    assert _modes(out)[written[0]] == "L"  # rewritten as 8-bit before the kill
+    resumed = convert_dicoms(paths, out, bits=16, workers=1, progress=False, compress_level=1)
+    # Every PNG queued by the killed run lost its record first, so none of them is trusted.
+    assert written[0] in [Path(p).name for p in resumed.converted]
+    assert set(_modes(out).values()) == {"I;16"}

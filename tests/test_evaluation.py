@@ -105,6 +105,23 @@ def read_metrics(out: Path, split: str) -> dict:
     return json.loads((out / "metrics" / f"{split}.json").read_text())
 
 
+def read_full(out: Path, split: str) -> dict:
+    """The split's entry of reports/evaluation.json (intervals, per-class values)."""
+    return json.loads((out / "reports" / "evaluation.json").read_text())[split]
+
+
+def per_class_ap(out: Path, split: str) -> dict:
+    return {c: v["ap"] for c, v in read_full(out, split)["per_class"].items()}
+
+
+def assert_same_intervals(got: dict, expected: dict) -> None:
+    assert got.keys() == expected.keys() and expected
+    for key, interval in expected.items():
+        assert (got[key] is None) == (interval is None), key
+        if interval is not None:
+            assert got[key] == pytest.approx(interval), key
+
+
 def joined(manifest: pd.DataFrame, preds: pd.DataFrame, split: str):
     """Labels and scores of one split, joined by image_id independently of the module."""
     p = preds[preds["split"] == split]
@@ -153,16 +170,16 @@ def test_metrics_equal_evaluate_and_sklearn(base):
     for split in SPLITS:
         got = read_metrics(out, split)
         assert got == summaries[split]
+        full = read_full(out, split)
         y, s, study = joined(manifest, preds, split)
         exp = metrics.evaluate(y, s, CLASSES, groups, thresholds=thresholds, ids=study,
                                n_bootstrap=N_BOOT, seed=0, ci=0.95)  # fmt: skip
         for key in ("mAP", "mAP_head", "mAP_medium", "mAP_tail", "mAUROC", "mF1@0.5",
                     "mF1@tuned", "mECE"):  # fmt: skip
             assert got[key] == pytest.approx(exp[key], rel=1e-12), (split, key)
-        for key, (lo, hi) in exp["ci"].items():
-            assert (got[f"{key}_ci_low"], got[f"{key}_ci_high"]) == pytest.approx((lo, hi))
-        assert got["n_images"] == SIZES[split]
-        assert got["per_class_ap"] == {c: v["ap"] for c, v in exp["per_class"].items()}
+        assert_same_intervals(full["ci"], exp["ci"])
+        assert got["n_images"] == SIZES[split] and got["labelled"] is True
+        assert per_class_ap(out, split) == {c: v["ap"] for c, v in exp["per_class"].items()}
         # sklearn on the known rows of each class with positives
         aps, aucs = [], []
         for j, c in enumerate(CLASSES):
@@ -171,10 +188,10 @@ def test_metrics_equal_evaluate_and_sklearn(base):
                 continue
             aps.append(average_precision_score(y[known, j], s[known, j]))
             aucs.append(roc_auc_score(y[known, j], s[known, j]))
-            assert got["per_class_ap"][c] == pytest.approx(aps[-1], rel=1e-12), (split, c)
+            assert per_class_ap(out, split)[c] == pytest.approx(aps[-1], rel=1e-12), (split, c)
         assert got["mAP"] == pytest.approx(np.mean(aps), rel=1e-12)
         assert got["mAUROC"] == pytest.approx(np.mean(aucs), rel=1e-12)
-        assert got["mAP_ci_low"] <= got["mAP"] <= got["mAP_ci_high"]
+        assert full["ci"]["mAP"][0] <= got["mAP"] <= full["ci"]["mAP"][1]
         assert report[split]["bootstrap"]["n_clusters"] == SIZES[split] // 2  # studies
 
 
@@ -202,11 +219,11 @@ def test_thresholds_depend_on_val_rows_only(base, tmp_path, no_figures):
 
 def test_class_without_positives_is_undefined(base):
     _, _, out, _ = base
-    test, dev = read_metrics(out, "test"), read_metrics(out, "dev")
-    assert test["per_class_ap"][EMPTY] is None
-    assert dev["per_class_ap"][EMPTY] is not None
-    assert test["undefined_classes"] == 1 and dev["undefined_classes"] == 0
-    defined = [v for v in test["per_class_ap"].values() if v is not None]
+    test, dev = read_metrics(out, "test"), per_class_ap(out, "dev")
+    assert per_class_ap(out, "test")[EMPTY] is None
+    assert dev[EMPTY] is not None
+    assert read_full(out, "dev")["undefined_classes"] == []
+    defined = [v for v in per_class_ap(out, "test").values() if v is not None]
     assert len(defined) == len(CLASSES) - 1
     assert test["mAP"] == pytest.approx(np.mean(defined), rel=1e-12)
     report = (out / "reports" / "evaluation.md").read_text()
@@ -249,7 +266,7 @@ def test_rows_joined_by_image_id(base, tmp_path, no_figures):
             got = read_metrics(tmp_path / d, split)
             assert got.keys() == ref.keys()
             assert _approx(got) == ref
-            assert _approx(got["per_class_ap"]) == ref["per_class_ap"]
+            assert _approx(per_class_ap(tmp_path / d, split)) == per_class_ap(out, split)
     assert (tmp_path / "a" / "plots" / "thresholds.csv").read_bytes() == (
         out / "plots" / "thresholds.csv"
     ).read_bytes()
@@ -324,15 +341,15 @@ def test_submission_scores_like_evaluate(base, tmp_path):
     thresholds.write_text(json.dumps(full["thresholds"]))
     scored = scoring.score(labels, sub_path, task="task2", train_labels=train,
                            thresholds=thresholds, n_bootstrap=N_BOOT, seed=0)  # fmt: skip
-    summary = read_metrics(out, "test")
+    summary, stage_ap = read_metrics(out, "test"), per_class_ap(out, "test")
     for key in ("mAP", "mAP_head", "mAP_medium", "mAP_tail", "mAUROC", "mF1@0.5", "mF1@tuned",
                 "mECE"):  # fmt: skip
         assert scored[key] == pytest.approx(summary[key], rel=1e-12), key
-    assert {c: v["ap"] for c, v in scored["per_class"].items()} == _approx(summary["per_class_ap"])
+    assert {c: v["ap"] for c, v in scored["per_class"].items()} == _approx(stage_ap)
     assert scored["undefined_classes"] == [EMPTY]
-    for key, (lo, hi) in scored["ci"].items():  # same seed, same studies: same replicates
-        assert (summary[f"{key}_ci_low"], summary[f"{key}_ci_high"]) == pytest.approx((lo, hi))
-    assert scored["per_class"][CLASSES[0]]["ap"] == summary["per_class_ap"][CLASSES[0]]
+    # same seed, same studies: same replicates
+    assert_same_intervals(scored["ci"], read_full(out, "test")["ci"])
+    assert scored["per_class"][CLASSES[0]]["ap"] == stage_ap[CLASSES[0]]
 
 
 def test_write_submission_rejects_duplicate_ids(tmp_path):
@@ -349,3 +366,153 @@ def test_predictions_frame_checks_shape():
     rows = manifest[manifest["split"] == "test"]
     with pytest.raises(ValueError, match="do not match"):
         predictions_frame(rows, CLASSES, np.zeros((len(rows), len(CLASSES) - 1), np.float32))
+
+
+# --- metrics files DVC tabulates: the summary numbers only ---------------------------------
+
+SUMMARY_FILE_KEYS = {"mAP", "mAP_head", "mAP_medium", "mAP_tail", "mAUROC", "mF1@0.5", "mF1@tuned",
+                     "mECE", "prevalence_baseline_mAP", "n_images", "labelled"}  # fmt: skip
+
+
+def test_summary_metrics_keys_are_the_summary_numbers():
+    manifest = make_manifest()
+    y, s, study = joined(manifest, make_preds(manifest), "test")
+    groups = frequency_groups(make_info(manifest)["train_counts"], SIZES["train"], CLASSES)
+    result = metrics.evaluate(y, s, CLASSES, groups, thresholds=np.full(len(CLASSES), 0.5),
+                              ids=study, n_bootstrap=5)  # fmt: skip
+    summary = evaluation.summary_metrics(result, 0.1)
+    assert set(summary) == SUMMARY_FILE_KEYS
+    assert set(evaluation.unlabelled_summary(7)) == SUMMARY_FILE_KEYS
+    # scalars only: no intervals, no per-class mapping for `dvc exp show` to spread over columns
+    assert all(v is None or isinstance(v, bool | int | float) for v in summary.values())
+    assert summary["prevalence_baseline_mAP"] == 0.1 and summary["n_images"] == SIZES["test"]
+
+
+def test_metrics_files_hold_only_summary_numbers(base):
+    _, _, out, _ = base
+    for split in SPLITS:
+        assert set(read_metrics(out, split)) == SUMMARY_FILE_KEYS
+        assert read_full(out, split)["ci"]["mAP"] is not None  # the intervals moved here
+    table = pd.read_csv(out / "plots" / "per_class_ap.csv")  # the per-class values here
+    assert {f"{k}_{s}" for k in ("ap", "auroc", "prevalence", "lift") for s in SPLITS} <= set(table)
+
+
+# --- unlabelled splits and undefined figures ------------------------------------------------
+
+
+def test_unlabelled_split_is_reported_not_scored(tmp_path):
+    """A test file without labels (released before its labels): predictions, no metrics."""
+    manifest = make_manifest()
+    preds = make_preds(manifest)
+    manifest.loc[manifest["split"] == "test", CLASSES] = np.nan
+    summaries = run_stage(tmp_path, manifest, preds)
+    test = read_metrics(tmp_path, "test")
+    assert test == summaries["test"]
+    assert test["labelled"] is False and test["n_images"] == SIZES["test"]
+    assert all(test[k] is None for k in SUMMARY_FILE_KEYS - {"labelled", "n_images"})
+    assert read_metrics(tmp_path, "dev")["labelled"] is True
+    assert read_metrics(tmp_path, "dev")["mAP"] is not None
+    full = json.loads((tmp_path / "reports" / "evaluation.json").read_text())
+    assert full["test"] == {"labelled": False, "n_images": SIZES["test"]}
+    figures = sorted(p.name for p in (tmp_path / "plots" / "figures").glob("*.png"))
+    assert figures == ["ap_by_group_dev.png", "ap_vs_frequency_dev.png", "pr_reliability_dev.png"]
+    for name in ("pr_curves_test.csv", "reliability_test.csv"):  # header only, for dvc plots
+        assert len(pd.read_csv(tmp_path / "plots" / name)) == 0
+    assert pd.read_csv(tmp_path / "plots" / "per_class_ap.csv")["ap_test"].isna().all()
+    report = (tmp_path / "reports" / "evaluation.md").read_text()
+    assert f"**test** ({SIZES['test']} images)" in report
+    unlabelled = next(s for s in report.splitlines() if s.startswith("Unlabelled"))
+    assert "test" in unlabelled and "dev" not in unlabelled
+    assert "| metric | dev |" in report and "test AP" not in report
+
+
+def test_split_without_positives_skips_its_ap_figures(tmp_path):
+    """Labels known but no positive anywhere: every AP undefined; no figure of AP, no crash."""
+    manifest = make_manifest()
+    preds = make_preds(manifest)
+    dev = manifest["split"] == "dev"
+    known = manifest.loc[dev, CLASSES].notna()
+    manifest.loc[dev, CLASSES] = manifest.loc[dev, CLASSES].where(~known, 0.0)
+    run_stage(tmp_path, manifest, preds)
+    dev_metrics = read_metrics(tmp_path, "dev")
+    assert dev_metrics["labelled"] is True and dev_metrics["mAP"] is None
+    assert dev_metrics["mECE"] is None  # undefined classes leave every mean
+    figures = {p.name for p in (tmp_path / "plots" / "figures").glob("*_dev.png")}
+    assert figures == {"pr_reliability_dev.png"}  # the reliability curve is still defined
+
+
+def test_draw_figures_skips_what_is_all_undefined():
+    table = pd.DataFrame({"class": ["a", "b"], "group": ["head", "tail"],
+                          "train_positives": [5, 0], "ap_test": [np.nan, 0.4]})  # fmt: skip
+    empty_pr = pd.DataFrame(columns=["class", "recall", "precision"])
+    empty_rel = evaluation.reliability_rows(np.full((3, 2), np.nan), np.zeros((3, 2)))
+    # b's AP is defined, but a log axis cannot show 0 training positives
+    assert set(evaluation.draw_figures(table, empty_pr, empty_rel, "test")) == {"ap_by_group"}
+    table["ap_test"] = np.nan
+    assert evaluation.draw_figures(table, empty_pr, empty_rel, "test") == {}
+
+
+def test_a_failure_leaves_nothing_written(tmp_path, monkeypatch):
+    """Everything is computed (figures too) before the first file is written."""
+    manifest = make_manifest()
+
+    def fail(table, pr, rel, split, *_):
+        if split == "test":
+            raise RuntimeError("figure failed")
+        return {}
+
+    monkeypatch.setattr(evaluation, "draw_figures", fail)
+    with pytest.raises(RuntimeError, match="figure failed"):
+        run_stage(tmp_path / "out", manifest, make_preds(manifest))
+    assert not (tmp_path / "out").exists()
+
+
+# --- report: which classes are learned ------------------------------------------------------
+
+
+def test_report_per_class_prevalence_lift_and_group_baselines(base):
+    _, _, out, _ = base
+    text = (out / "reports" / "evaluation.md").read_text()
+    lines = text.splitlines()
+    header = next(s for s in lines if s.startswith("| class |"))
+    cells = [c.strip() for c in header.strip("|").split("|")]
+    assert cells[:3] == ["class", "group", "train positives"]
+    assert cells[3:7] == ["dev prevalence", "dev AP", "dev lift", "dev AUROC"]
+    assert cells[7:11] == ["test prevalence", "test AP", "test lift", "test AUROC"]
+    table = pd.read_csv(out / "plots" / "per_class_ap.csv").set_index("class")
+    c = CLASSES[1]
+    m = read_full(out, "test")["per_class"][c]
+    line = next(s for s in lines if s.startswith(f"| {c} |"))
+    row = [x.strip() for x in line.strip("|").split("|")]
+    assert row[1] == table.loc[c, "group"] and int(row[2]) == table.loc[c, "train_positives"]
+    prevalence = m["positives"] / m["known"]
+    assert row[7] == f"{prevalence:.4f} ({m['positives']}/{m['known']})"
+    assert row[8] == f"{m['ap']:.4f}" and row[10] == f"{m['auroc']:.4f}"
+    assert row[9] == f"{m['ap'] / prevalence:.1f}×"
+    assert table.loc[c, "lift_test"] == pytest.approx(m["ap"] / prevalence)
+    # one line per group: mAP vs its prevalence baseline, with the lift
+    full = read_full(out, "test")
+    for g in ("head", "medium", "tail"):
+        line = next(s for s in lines if s.startswith(f"| {g} |"))
+        mAP, base_mAP = full[f"mAP_{g}"], full["prevalence_baseline"][f"mAP_{g}"]
+        assert f"{mAP:.3f} vs {base_mAP:.3f} ({mAP / base_mAP:.1f}×)" in line
+    baseline = read_metrics(out, "test")["prevalence_baseline_mAP"]
+    assert full["prevalence_baseline"]["mAP"] == baseline
+    # the bootstrap method is named as the result records it
+    assert full["bootstrap"]["method"] in text
+
+
+def test_report_prints_interval_caveats_next_to_the_interval(base):
+    manifest, _, out, _ = base
+    full = json.loads((out / "reports" / "evaluation.json").read_text())
+    results = {s: dict(full[s]) for s in SPLITS}
+    results["test"]["ci_caveats"] = {"mAP_tail": "covers less than nominal here"}
+    summaries = {s: read_metrics(out, s) for s in SPLITS}
+    baselines = {s: full[s]["prevalence_baseline"] for s in SPLITS}
+    table = pd.read_csv(out / "plots" / "per_class_ap.csv")
+    text = evaluation.render_report(results, summaries, baselines, table, {}, make_info(manifest),
+                                    "study_id")  # fmt: skip
+    row = next(s for s in text.splitlines() if s.startswith("| mAP_tail |"))
+    lo, hi = full["test"]["ci"]["mAP_tail"]
+    assert f"[{lo:.3f}, {hi:.3f}] (covers less than nominal here)" in row
+    assert row.count("covers less") == 1  # dev has no caveat

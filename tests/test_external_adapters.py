@@ -453,3 +453,55 @@ def test_vindr_files_and_errors(tmp_path: Path) -> None:
         tmp_path / "train/b.dcm",
     ]
     validate_manifest(df, CLASSES, "vindr")
+
+
+# --- VinDr Nodule/Mass policy -----------------------------------------------------------------
+
+
+def test_vindr_nodule_mass_policy_on_hand_made_votes(tmp_path: Path) -> None:
+    rows = [
+        "a,Nodule/Mass,8,R1,1,1,2,2", "a,Nodule/Mass,8,R2,1,1,2,2", "a,No finding,14,R3,,,,",
+        "b,No finding,14,R1,,,,", "b,No finding,14,R2,,,,", "b,Cardiomegaly,3,R3,1,1,2,2",
+    ]  # fmt: skip
+    (tmp_path / "train.csv").write_text(VINDR_HEADER + "".join(r + "\n" for r in rows))
+    cols = ["Nodule", "Mass", "Normal", "Cardiomegaly"]
+    both = read_vindr(tmp_path, cols, "any", check_files=False, nodule_mass="both")[cols]
+    unknown = read_vindr(tmp_path, cols, "any", check_files=False, nodule_mass="unknown")[cols]
+    assert both.to_numpy().tolist() == [[1, 1, 0, 0], [0, 0, 0, 1]]
+    nan = np.nan
+    # a Nodule/Mass box says one of the two is there, not which: both unknown; no box: both 0
+    np.testing.assert_array_equal(unknown.to_numpy(), [[nan, nan, 0, 0], [0, 0, 0, 1]])
+    default = read_vindr(tmp_path, cols, "any", check_files=False)[cols]
+    pd.testing.assert_frame_equal(default, both)  # "both" is the default (today's behaviour)
+    with pytest.raises(DataError, match=r"nodule_mass: 'mass'; valid: \['both', 'unknown'\]"):
+        read_vindr(tmp_path, cols, check_files=False, nodule_mass="mass")
+
+
+def test_vindr_nodule_mass_policy_from_params(tmp_path: Path) -> None:
+    """The policy is a params option of the source (external.sources.vindr.nodule_mass)."""
+    import yaml
+
+    from cxrlt.data.external import read_source
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = yaml.safe_load((root / "params.yaml").read_text())["external"]["sources"]["vindr"]
+    assert cfg["nodule_mass"] == "both"
+    (tmp_path / "train.csv").write_text(
+        VINDR_HEADER + "a,Nodule/Mass,8,R1,1,1,2,2\nb,No finding,14,R1,,,,\n"
+    )
+    cfg = {**cfg, "root": str(tmp_path), "check_files": False, "reader_policy": "any",
+           "nodule_mass": "unknown"}  # fmt: skip
+    df = read_source("vindr", cfg, CLASSES)
+    assert df["Nodule"].isna().tolist() == df["Mass"].isna().tolist() == [True, False]
+
+
+def test_vindr_nodule_mass_unknown_on_real_metadata(vindr_root: Path) -> None:
+    both = read_vindr(vindr_root, CLASSES, reader_policy="any", check_files=False)
+    unknown = read_vindr(vindr_root, CLASSES, reader_policy="any", check_files=False,
+                         nodule_mass="unknown")  # fmt: skip
+    positive = both["Nodule"] == 1
+    assert int(positive.sum()) == 826
+    assert unknown.loc[positive, ["Nodule", "Mass"]].isna().all().all()
+    assert (unknown.loc[~positive, ["Nodule", "Mass"]] == 0).all().all()
+    other = [c for c in CLASSES if c not in ("Nodule", "Mass")]
+    pd.testing.assert_frame_equal(unknown[other], both[other])  # Normal etc. unchanged

@@ -7,6 +7,7 @@ import warnings
 
 import numpy as np
 import pytest
+from scipy import stats
 from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
 from cxrlt import metrics
@@ -303,22 +304,265 @@ def test_shape_errors():
         metrics.f1_at(np.zeros((3, 2)), np.zeros((3, 2)), [0.1, 0.2, 0.3])
 
 
+# --------------------------------------------------------------------------------------------
+# bootstrap intervals
 
-def test_interval_is_shifted_by_the_bootstrap_bias():
-    """Rare classes bias resampled AP upward: the replicates are re-centred on the point estimate."""
-    from cxrlt.metrics import average_precision, bootstrap_ap, bootstrap_ci
 
+def test_bca_equals_scipy_on_the_same_replicates():
+    """`bootstrap_interval` is scipy's BCa (and percentile) fed the same bootstrap distribution;
+    scipy computes its own leave-one-out values, we are given them."""
+    x = np.random.default_rng(0).exponential(size=40)  # skewed: BCa differs from percentile
+    first = stats.bootstrap((x,), np.mean, n_resamples=2000, rng=np.random.default_rng(1))
+    reps = first.bootstrap_distribution
+    jackknife = (x.sum() - x) / (len(x) - 1)
+    for level in (0.9, 0.95):
+        for ours, theirs in (("bca", "BCa"), ("percentile", "percentile"), ("basic", "basic")):
+            expected = stats.bootstrap(
+                (x,), np.mean, n_resamples=0, bootstrap_result=first, method=theirs,
+                confidence_level=level,
+            ).confidence_interval  # fmt: skip
+            got = metrics.bootstrap_interval(reps, x.mean(), jackknife, level, ours)
+            assert got.method == ours and got.note is None
+            assert (got.low, got.high) == pytest.approx(tuple(expected), rel=1e-12)
+    bca = metrics.bootstrap_interval(reps, x.mean(), jackknife)
+    pct = metrics.bootstrap_interval(reps, x.mean(), method="percentile")
+    assert bca.acceleration > 0.01 and bca.high > pct.high  # right skew moves BCa up
+
+
+@pytest.mark.parametrize("clustered", [False, True])
+def test_bca_of_ap_equals_scipy_with_the_cluster_jackknife(clustered):
+    """The whole chain for one class: study-bootstrap AP replicates plus the leave-one-cluster-
+    out jackknife done by zeroing a cluster's weight give scipy's BCa interval of the statistic
+    'AP with every image weighted by how often its cluster was drawn'."""
+    rng = np.random.default_rng(3)
+    n = 120
+    y = (rng.random(n) < 0.2).astype(float)
+    s = np.round(rng.random(n) + 0.6 * y * rng.random(n), 2)  # ties too
+    ids = np.sort(rng.integers(0, 50, n)) if clustered else None
+    codes = metrics._cluster_codes(ids, n)
+    k = int(codes.max()) + 1
+
+    def ap(drawn):
+        w = np.bincount(drawn, minlength=k)[codes].astype(float)
+        return metrics.average_precision(y, s, sample_weight=w)[0]
+
+    reps = metrics.bootstrap_ap(y, s, ids=ids, n_bootstrap=500, seed=2)[:, 0]
+    first = stats._resampling.BootstrapResult(
+        confidence_interval=None, bootstrap_distribution=reps, standard_error=None
+    )
+    expected = stats.bootstrap((np.arange(k),), ap, n_resamples=0, bootstrap_result=first,
+                               method="BCa", vectorized=False).confidence_interval  # fmt: skip
+    got = metrics.bootstrap_ci(y, s, ["a"], ids=ids, n_bootstrap=500, seed=2)["mAP"]
+    assert got == pytest.approx(tuple(expected), rel=1e-6)  # replicates summed in float32
+
+
+def test_grouped_jackknife_deletes_random_whole_groups():
+    np.testing.assert_array_equal(metrics.jackknife_groups(50, 200), np.arange(50))
+    groups = metrics.jackknife_groups(1003, 100, seed=5)
+    sizes = np.bincount(groups)
+    assert len(sizes) == 100 and sizes.max() - sizes.min() <= 1
+    assert not np.array_equal(groups, metrics.jackknife_groups(1003, 100, seed=6))
+    y, s = _random(12, n=300, c=4, decimals=2, nan_frac=0.1)
+    ids = np.arange(300) // 3
+    engine = metrics.ClusterAP(y, s, ids)
+    jack = engine.jackknife(max_groups=8, seed=1)
+    g = metrics.jackknife_groups(100, 8, seed=1)
+    assert jack.shape == (8, 4)
+    for j in range(8):
+        kept = (g[ids] != j).astype(float)  # a deleted group's images weigh 0
+        np.testing.assert_allclose(jack[j], metrics.average_precision(y, s, kept), rtol=1e-6)
+
+
+def test_bootstrap_weights_shared_by_two_score_matrices():
+    """The paired-comparison building block: same seed, same resamples, whatever the chunks."""
+    a = np.hstack(list(metrics.bootstrap_weights(50, 40, seed=1, chunk=7)))
+    b = np.hstack(list(metrics.bootstrap_weights(50, 40, seed=1)))
+    np.testing.assert_array_equal(a, b)
+    y, s1 = _random(13, n=200, c=3)
+    s2 = np.random.default_rng(0).random(s1.shape)
+    ids = np.arange(200) // 4
+    one, two = metrics.ClusterAP(y, s1, ids), metrics.ClusterAP(y, s2, ids)
+    paired = [(one.ap(w), two.ap(w)) for w in metrics.bootstrap_weights(one.n_clusters, 30, 4)]
+    np.testing.assert_array_equal(np.vstack([p[0] for p in paired]),
+                                  metrics.bootstrap_ap(y, s1, ids, 30, seed=4))  # fmt: skip
+    np.testing.assert_array_equal(np.vstack([p[1] for p in paired]),
+                                  metrics.bootstrap_ap(y, s2, ids, 30, seed=4))  # fmt: skip
+
+    def delta(w):  # the recipe in ClusterAP's docstring
+        return np.nanmean(one.ap(w), axis=1) - np.nanmean(two.ap(w), axis=1)
+
+    reps = np.concatenate([delta(w) for w in metrics.bootstrap_weights(one.n_clusters, 200, 0)])
+    groups = metrics.jackknife_groups(one.n_clusters, seed=0)
+    jack = np.concatenate([delta(w) for w in metrics.jackknife_weights(groups)])
+    point = delta(np.ones((one.n_clusters, 1)))[0]
+    expected = np.nanmean(metrics.average_precision(y, s1)) - np.nanmean(
+        metrics.average_precision(y, s2)
+    )
+    assert point == pytest.approx(expected) and len(jack) == one.n_clusters
+    iv = metrics.bootstrap_interval(reps, point, jack)
+    assert iv.method == "bca" and iv.low < point < iv.high
+
+
+def test_bootstrap_interval_edge_cases():
+    reps = np.linspace(0.5, 0.9, 101)
+    jack = np.array([0.70, 0.71, 0.69, 0.75, 0.60])
+    # every replicate above the point estimate: z0 is infinite -> percentile, with a note
+    iv = metrics.bootstrap_interval(reps, 0.4, jack)
+    assert iv.method == "percentile" and "above the point estimate" in iv.note
+    assert (iv.low, iv.high) == pytest.approx(tuple(np.quantile(reps, [0.025, 0.975])))
+    assert "below" in metrics.bootstrap_interval(reps, 0.95, jack).note
+    # no jackknife (or no spread in it): acceleration 0, the bias-corrected percentile
+    for j in (None, np.full(5, 0.3), np.array([0.3])):
+        iv = metrics.bootstrap_interval(reps, 0.7, j)
+        assert iv.method == "bc" and iv.acceleration == 0 and "acceleration 0" in iv.note
+    # undefined replicates and jackknife values are left out; nothing defined -> None
+    full = metrics.bootstrap_interval(reps, 0.7, jack)
+    assert metrics.bootstrap_interval(np.r_[reps, np.nan], 0.7, np.r_[jack, np.nan]) == full
+    assert metrics.bootstrap_interval(np.full(10, np.nan), 0.5) is None
+    assert metrics.bootstrap_interval(reps, np.nan) is None
+    assert metrics.bootstrap_interval(np.ones(20), 1.0, np.ones(5)) == metrics.Interval(
+        1.0, 1.0, "bca"
+    )  # nothing varies: no fallback to report
+    # |a| < 1/6, so the level formula breaks (a (z0 + z) >= 1) only for a point estimate in the
+    # far tail of many replicates: that endpoint is the extreme replicate
+    many = np.linspace(0.5, 0.9, 100_001)
+    one_outlier = np.r_[1.0, np.zeros(999)]
+    iv = metrics.bootstrap_interval(many, 0.500001, one_outlier)
+    assert iv.acceleration < -0.16 and iv.z0 < -4
+    assert iv.low == many.min() and "extreme replicate" in iv.note
+    with pytest.raises(ValueError, match="unknown interval method"):
+        metrics.bootstrap_interval(reps, 0.7, method="student")
+    with pytest.raises(ValueError, match="ci must be"):
+        metrics.bootstrap_interval(reps, 0.7, ci=1.0)
+
+
+def test_evaluate_names_the_method_and_offers_percentile():
+    y, s = _random(9, n=500, c=6)
+    classes = [f"c{i}" for i in range(6)]
+    groups = _groups(classes)
+    ids = np.arange(500) // 2  # 250 studies: more than JACKKNIFE_MAX_GROUPS
+    r = metrics.evaluate(y, s, classes, groups, ids=ids, n_bootstrap=200, seed=3)
+    assert r["bootstrap"]["method"] == "BCa"
+    assert r["bootstrap"]["jackknife"] == {"values": metrics.JACKKNIFE_MAX_GROUPS,
+                                           "deletes": "a random group of clusters"}  # fmt: skip
+    assert r["bootstrap"]["fallbacks"] == {}
+    small = metrics.evaluate(y[:100], s[:100], classes, groups, ids=ids[:100], n_bootstrap=50)
+    assert small["bootstrap"]["jackknife"] == {"values": 50, "deletes": "one cluster"}
+    p = metrics.evaluate(y, s, classes, groups, ids=ids, n_bootstrap=200, seed=3,
+                         ci_method="percentile")  # fmt: skip
+    assert p["bootstrap"]["method"] == "percentile" and "jackknife" not in p["bootstrap"]
+    reps = metrics.bootstrap_ap(y, s, ids=ids, n_bootstrap=200, seed=3)
+    assert p["ci"]["mAP"] == pytest.approx(np.quantile(reps.mean(axis=1), [0.025, 0.975]))
+    assert r["ci"]["mAP"] != p["ci"]["mAP"]
+    with pytest.raises(ValueError, match="unknown interval method"):
+        metrics.evaluate(y, s, classes, groups, ids=ids, n_bootstrap=20, ci_method="shifted")
+
+
+def test_rare_classes_move_bca_below_the_percentile_interval():
+    """AP of rare classes is biased upward and so are its bootstrap replicates: BCa's bias
+    correction moves the interval down, where percentile keeps the bias (the former method
+    re-centred the replicates on the point estimate instead)."""
     rng = np.random.default_rng(3)
     n = 400
     y = np.hstack([(rng.random((n, 10)) < 0.3).astype(float), np.zeros((n, 30))])
     for j in range(10, 40):
-        y[rng.choice(n, size=2, replace=False), j] = 1  # tail: two positives per class
-    scores = rng.random(y.shape) + y * np.r_[np.full(10, 1.5), np.full(30, 0.3)] * rng.random(y.shape)
+        y[rng.choice(n, size=3, replace=False), j] = 1  # tail: three positives per class
+    scores = rng.random(y.shape) + y * np.r_[np.full(10, 1.5), np.full(30, 0.3)] * rng.random(
+        y.shape
+    )
     ids = np.arange(n) // 2
-    point = float(np.nanmean(average_precision(y, scores)))
-    reps = np.nanmean(bootstrap_ap(y, scores, ids=ids, n_bootstrap=300, seed=0), axis=1)
-    assert reps.mean() > point + 0.01  # the upward bias this guards against
-    lo, hi = bootstrap_ci(y, scores, [str(j) for j in range(40)], ids=ids, n_bootstrap=300, seed=0)["mAP"]
-    expected = np.percentile(reps - (reps.mean() - point), [2.5, 97.5])
-    np.testing.assert_allclose([lo, hi], expected, rtol=1e-6)
-    assert lo <= point <= hi
+    classes = [str(j) for j in range(40)]
+    point = float(np.nanmean(metrics.average_precision(y, scores)))
+    engine = metrics.ClusterAP(y, scores, ids)
+    reps = np.nanmean(engine.bootstrap(300, seed=0), axis=1)
+    jack = np.nanmean(engine.jackknife(seed=0), axis=1)
+    assert reps.mean() > point + 0.01  # the upward bias
+    bca = metrics.bootstrap_ci(y, scores, classes, ids=ids, n_bootstrap=300, seed=0)["mAP"]
+    pct = metrics.bootstrap_ci(y, scores, classes, ids=ids, n_bootstrap=300, seed=0,
+                               method="percentile")["mAP"]  # fmt: skip
+    iv = metrics.bootstrap_interval(reps, point, jack)
+    assert iv.z0 < 0 and bca == pytest.approx([iv.low, iv.high])
+    assert bca[0] < pct[0] and bca[1] < pct[1]
+    assert bca[0] <= point <= bca[1]
+
+
+def _binormal_population_ap(prevalence: float, d: float) -> float:
+    """AP of an infinite population: positives score N(d, 1), negatives N(0, 1)."""
+    s = np.linspace(d - 12, d + 12, 100_001)
+    tpr, fpr = stats.norm.sf(s - d), stats.norm.sf(s)
+    precision = prevalence * tpr / (prevalence * tpr + (1 - prevalence) * fpr)
+    return float(np.trapezoid(precision * stats.norm.pdf(s - d), s))
+
+
+def _coverage(n_classes, prevalence, auroc, n, reps=200, n_bootstrap=200):
+    """Share of `reps` simulated test sets whose BCa / percentile mAP interval holds the
+    population mAP (binormal scores, one image per cluster)."""
+    d = np.sqrt(2) * stats.norm.ppf(auroc)
+    truth = _binormal_population_ap(prevalence, d)
+    rng = np.random.default_rng(0)
+    hits = {"bca": 0, "percentile": 0}
+    for r in range(reps):
+        y = (rng.random((n, n_classes)) < prevalence).astype(float)
+        engine = metrics.ClusterAP(y, rng.standard_normal(y.shape) + d * y)
+        point = float(np.nanmean(engine.point()))
+        boot = np.nanmean(engine.bootstrap(n_bootstrap, seed=r), axis=1)
+        jack = np.nanmean(engine.jackknife(max_groups=50, seed=r), axis=1)
+        for method in hits:
+            iv = metrics.bootstrap_interval(boot, point, jack, 0.95, method)
+            hits[method] += iv.low <= truth <= iv.high
+    return {m: h / reps for m, h in hits.items()}
+
+
+def test_bca_coverage_of_the_population_map():
+    """A small coverage study (the full one is bench/bench_bootstrap_coverage.py). With many
+    positives per class BCa covers close to nominal. With rare classes of low AP, AP's upward
+    small-sample bias pushes the replicates up: the percentile interval then misses the
+    population value most of the time, and BCa's bias correction recovers much of it (not
+    all: see the README's table). Seeded; every bound is >= 3 Monte Carlo SE (~0.02 and
+    ~0.04 at 150 test sets) from the simulated value."""
+    ok = _coverage(n_classes=5, prevalence=0.3, auroc=0.85, n=300, reps=150)
+    assert ok["bca"] >= 0.87
+    rare = _coverage(n_classes=10, prevalence=0.02, auroc=0.8, n=1000, reps=150)
+    assert rare["percentile"] <= 0.5
+    assert rare["bca"] - rare["percentile"] >= 0.12
+
+
+def test_ci_caveats_quote_the_simulated_coverage_for_few_positives():
+    classes = [f"c{i}" for i in range(6)]
+    groups = dict(zip(classes, ["head", "head", "tail", "tail", "tail", "medium"], strict=True))
+    cis = {"mAP": [0.2, 0.3], "mAP_head": [0.6, 0.7], "mAP_medium": [0.2, 0.3],
+           "mAP_tail": [0.0, 0.2]}  # fmt: skip
+    positives = np.array([20_000, 30_000, 5, 7, 0, 1052])  # c4 has none: not in the median
+    caveats = metrics.ci_caveats(cis, positives, classes, groups, "bca")
+    tail_6 = metrics.SIMULATED_COVERAGE["mAP_tail"][0]
+    assert tail_6[0] == 6 and tail_6[2]["bca"] < 0.9  # the study's few-positives tail row
+    assert caveats["mAP_tail"] == (
+        f"6 positives per class (median): simulated coverage {tail_6[2]['bca']:.2f} "
+        "for a nominal 0.95"
+    )
+    # many positives: the simulated coverage is within Monte Carlo error of nominal
+    assert "mAP_head" not in caveats and "mAP_medium" not in caveats
+    # fewer positives than simulated: the smallest simulated test set, said to be optimistic
+    few = metrics.ci_caveats({"mAP_tail": [0.0, 0.2]}, np.array([0, 0, 2, 3, 4, 0]), classes,
+                             groups, "bca")  # fmt: skip
+    assert few["mAP_tail"].endswith("with 6, likely lower here")
+    # between simulated sizes: interpolated in log(positives)
+    (m0, _, c0), (m1, _, c1) = metrics.SIMULATED_COVERAGE["mAP"][:2]
+    mid = float(np.sqrt(m0 * m1))
+    between = metrics.ci_caveats({"mAP": [0.2, 0.3]}, np.full(6, mid), classes, groups, "bca")
+    assert f"coverage {(c0['bca'] + c1['bca']) / 2:.2f} for" in between["mAP"]
+    # a fallback note is appended; an undefined interval gets none
+    notes = metrics.ci_caveats({"mAP_tail": None, "mAP_head": [0.6, 0.7]}, positives, classes,
+                               groups, "bca", {"mAP_head": "all 9 replicates above"})  # fmt: skip
+    assert notes == {"mAP_head": "all 9 replicates above"}
+
+
+def test_evaluate_reports_caveats_next_to_the_intervals():
+    y, s = _random(14, n=300, c=6)
+    classes = [f"c{i}" for i in range(6)]
+    groups = _groups(classes)
+    r = metrics.evaluate(y, s, classes, groups, ids=np.arange(300) // 2, n_bootstrap=50)
+    positives = np.array([r["per_class"][c]["positives"] for c in classes])
+    assert r["ci_caveats"] == metrics.ci_caveats(r["ci"], positives, classes, groups, "bca")
+    assert "mAP_tail" in r["ci_caveats"]  # 300 images: a handful of positives per tail class
+    assert "ci_caveats" not in metrics.evaluate(y, s, classes, groups, n_bootstrap=0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import shutil
@@ -83,11 +85,13 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_repro_writes_every_declared_output(repo: Path):
+    full = json.loads((repo / "reports" / "evaluation.json").read_text())
     for split in ("dev", "test"):
         m = json.loads((repo / "metrics" / f"{split}.json").read_text())
-        assert 0.0 <= m["mAP"] <= 1.0 and m["prevalence_baseline_mAP"] > 0
-        assert set(m["per_class_ap"]) == set(TASK1_CLASSES)
-        assert m["mAP_ci_low"] <= m["mAP_ci_high"]
+        assert 0.0 <= m["mAP"] <= 1.0 and m["prevalence_baseline_mAP"] > 0 and m["labelled"]
+        assert set(full[split]["per_class"]) == set(TASK1_CLASSES)
+        lo, hi = full[split]["ci"]["mAP"]
+        assert lo <= hi
     for name in ("per_class_ap.csv", "pr_curves_test.csv", "reliability_test.csv"):
         assert (repo / "plots" / name).stat().st_size > 0
     assert (repo / "plots" / "figures" / "ap_vs_frequency_test.png").exists()
@@ -120,7 +124,8 @@ def test_cxrlt_score_agrees_with_the_evaluate_stage(repo: Path):
     scored = json.loads(out.read_text())
     stage = json.loads((repo / "metrics" / "test.json").read_text())
     assert scored["mAP"] == pytest.approx(stage["mAP"], abs=1e-9)
-    for c, ap in stage["per_class_ap"].items():
+    full = json.loads((repo / "reports" / "evaluation.json").read_text())["test"]
+    for c, ap in ((c, v["ap"]) for c, v in full["per_class"].items()):
         assert (scored["per_class"][c]["ap"] is None) == (ap is None)
         if ap is not None:
             assert scored["per_class"][c]["ap"] == pytest.approx(ap, abs=1e-9)
@@ -138,7 +143,67 @@ def test_experiment_with_another_loss_is_compared(repo: Path):
     assert "asl-run" in names
     table = _run(["dvc", "exp", "show", "--no-pager", "--csv"], repo).stdout
     assert "asl-run" in table and "metrics/test.json:mAP" in table
+    # readable in a terminal: the metrics files hold summary numbers only, so two runs that
+    # differ in one param show a few dozen columns (DVC itself adds about a dozen)
+    changed = _run(["dvc", "exp", "show", "--no-pager", "--csv", "--only-changed"], repo).stdout
+    header = next(csv.reader(io.StringIO(changed)))
+    assert len(header) <= 40, header
+    assert any(h.endswith("loss") for h in header) and "metrics/test.json:mAP" in header
+    assert not any("ci_" in h or "per_class" in h for h in header), header
     diff = _run(["dvc", "metrics", "diff", "HEAD", "asl-run", "--json"], repo).stdout
     assert "metrics/test.json" in json.loads(diff)
     _run(["dvc", "plots", "diff", "HEAD", "asl-run", "-o", str(repo / "plots_diff")], repo)
     assert (repo / "plots_diff" / "index.html").exists()
+
+
+def _exp_rows(repo: Path) -> dict[str, dict]:
+    """name -> `dvc exp show --json` data of HEAD and its experiments."""
+    out = {}
+    for row in json.loads(_run(["dvc", "exp", "show", "--json"], repo).stdout):
+        if row["rev"] != "workspace":
+            out["HEAD"] = row["data"]
+            for exp in row.get("experiments") or []:
+                out[exp["name"]] = exp["revs"][0]["data"]
+    return out
+
+
+@pytest.mark.slow
+def test_seeded_experiments_compared_through_dvc(repo: Path, tmp_path: Path):
+    """`-S seed=N` re-trains without touching the data; `cxrlt compare` reads the runs through
+    DVC, groups them by params but seed, pairs seed with seed, and agrees with evaluate."""
+    _run(["git", "add", "-A"], repo)  # the workspace's run becomes the baseline commit
+    if _run(["git", "status", "--porcelain"], repo).stdout.strip():
+        _run(["git", "commit", "-qm", "baseline for compare"], repo)
+    for loss in ("bce", "asl"):
+        for seed in (0, 1):
+            out = _run(["dvc", "exp", "run", "-S", f"loss={loss}", "-S", f"seed={seed}",
+                        "-n", f"cmp-{loss}-{seed}"], repo).stdout  # fmt: skip
+            for stage in ("synth", "prepare", "cache"):
+                assert f"Running stage '{stage}'" not in out, out
+    rows = _exp_rows(repo)
+    names = [f"cmp-{loss}-{seed}" for loss in ("bce", "asl") for seed in (0, 1)]
+    data_outs = {(n, p): rows[n]["outs"][p]["hash"] for n in names
+                 for p in ("data/manifests/mimic.parquet", "data/cache/mimic")}  # fmt: skip
+    assert len(set(data_outs.values())) == 2  # one manifest, one cache for every seed and loss
+    preds = {rows[n]["outs"]["data/predictions/stage1.parquet"]["hash"] for n in names}
+    assert len(preds) == 4  # the seed changes the model
+
+    cxrlt = str(Path(sys.executable).parent / "cxrlt")
+    out_json = tmp_path / "compare.json"
+    shown = _run([cxrlt, "compare", *names, "--bootstrap", "200", "--json", str(out_json)], repo)
+    result = json.loads(out_json.read_text())
+    assert [g["runs"] for g in result["groups"]] == [names[:2], names[2:]]
+    assert result["differing_params"] == ["loss"]
+    (c,) = result["comparisons"]
+    assert [(p["a"], p["b"]) for p in c["pairs"]] == [(names[0], names[2]), (names[1], names[3])]
+    for r in result["runs"]:  # recomputed from the predictions = what evaluate wrote
+        assert r["metrics"]["mAP"] == pytest.approx(
+            rows[r["name"]]["metrics"]["metrics/test.json"]["data"]["mAP"], abs=1e-9
+        )
+    assert result["n_images"] == rows["HEAD"]["metrics"]["metrics/test.json"]["data"]["n_images"]
+    table = shown.stdout
+    assert "groups differ in: loss" in table and "mean of 2" in table and "Δ (B−A)" in table
+
+    # no names: HEAD and its experiments; the run equal to HEAD is counted once
+    default = _run([cxrlt, "compare", "--bootstrap", "50"], repo).stdout
+    assert "(same params and predictions): left out" in default and "mean of 2" in default

@@ -151,3 +151,19 @@ def test_cxrlt2023_files_with_no_finding_and_unlabelled_test(tiny_synth: Path, t
     assert m.loc[m["split"] == "train", "No Finding"].sum() > 0
     with pytest.raises(DataError, match="unknown splits"):
         read_cxrlt(labels, tiny_synth / "mimic-cxr-jpg", "cxrlt2023", files={"valid": "x.csv"})
+
+
+def test_empty_or_unlabelled_files(tiny_synth: Path, tmp_path: Path):
+    """An empty file is one error naming it; a label-less test file gives unknown labels."""
+    labels, images = _copy(tiny_synth, tmp_path)
+    test = pd.read_csv(labels / "test_labeled_task1.csv")
+    test.drop(columns=CLASSES).to_csv(labels / "test_labeled_task1.csv", index=False)
+    m = read_cxrlt(labels, images, "task1")
+    assert (m["split"] == "test").sum() == len(test)
+    assert m.loc[m["split"] == "test", CLASSES].isna().all().all()
+    assert m.loc[m["split"] == "dev", CLASSES].notna().all().all()
+    m["split"] = patient_val_split(m, CLASSES, 0.2, seed=0)
+    validate_manifest(m, CLASSES, "manifest")
+    (labels / "development_labeled_task1.csv").write_text("")
+    with pytest.raises(DataError, match=r"development_labeled_task1\.csv: cannot parse CSV"):
+        read_cxrlt(labels, images, "task1")

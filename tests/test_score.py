@@ -21,7 +21,7 @@ from cxrlt.labels import (
 META = ["dicom_id", "subject_id", "study_id", "ViewPosition", "ViewCodeSequence_CodeMeaning",
         "fpath"]  # fmt: skip
 N = 120
-META_SCORE = ("task", "labels", "predictions", "groups_from", "clusters")
+META_SCORE = ("task", "labels", "predictions", "groups_from", "clusters", "warnings")
 
 
 def _make(task="task2", seed=0):
@@ -243,3 +243,82 @@ def test_commands_registry():
     assert "score" in COMMANDS
     with pytest.raises(SystemExit):
         main(["--help"])
+
+
+# --- thresholds must be numbers in [0, 1]; hard 0/1 submissions are scored with a warning ----
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [("NaN", "NaN"), ("true", "true"), ("1.5", "1.5"), ("-0.1", "-0.1"), ("Infinity", "Infinity"),
+     ('"0.5"', '"0.5"'), ("null", "null")],
+)  # fmt: skip
+def test_thresholds_must_be_finite_numbers_in_unit_interval(tmp_path, capsys, value, shown):
+    classes, labels, sub, *_ = _make("task3")
+    lp, sp = _write(tmp_path, labels, sub)
+    tp = tmp_path / "thresholds.json"
+    body = ", ".join(f'"{c}": {value if i == 2 else "0.4"}' for i, c in enumerate(classes))
+    tp.write_text("{" + body + "}")
+    code, _, err = _run(capsys, "score", "--labels", str(lp), "--predictions", str(sp),
+                        "--task", "task3", "--thresholds", str(tp), "--bootstrap", "0")  # fmt: skip
+    assert code == 2 and err.count("\n") == 1, err
+    assert "thresholds.json" in err and repr(classes[2]) in err and f" {shown};" in err
+
+
+def test_threshold_bounds_are_allowed(tmp_path):
+    classes, labels, sub, y, p, _ = _make("task3")
+    lp, sp = _write(tmp_path, labels, sub)
+    tp = tmp_path / "t.json"
+    tp.write_text(json.dumps(dict(zip(classes, [0, 1, 0.0, 1.0, 0.5], strict=True))))
+    r = scoring.score(lp, sp, "task3", thresholds=tp, n_bootstrap=0)
+    expected = metrics.f1_at(y, p, np.array([0, 1, 0, 1, 0.5]))
+    assert r["mF1@tuned"] == pytest.approx(np.nanmean(expected))
+
+
+def test_hard_labels_score_with_one_warning(tmp_path, capsys):
+    classes, labels, sub, y, *_ = _make("task2")
+    hard = sub.copy()
+    hard[classes] = (sub[classes].to_numpy() >= 0.5).astype(int)
+    lp, sp = _write(tmp_path, labels, hard)
+    out = tmp_path / "m.json"
+    code, stdout, err = _run(capsys, "score", "--labels", str(lp), "--predictions", str(sp),
+                             "--task", "task2", "--out", str(out), "--bootstrap", "0")  # fmt: skip
+    assert code == 0, err
+    warning = [line for line in err.splitlines() if "0 or 1" in line]
+    assert len(warning) == 1 and "sub.csv" in warning[0] and "probabilities" in warning[0]
+    result = json.loads(out.read_text())
+    assert len(result["warnings"]) == 1 and "probabilities" in result["warnings"][0]
+    assert result["mAP"] is not None and "mAP" in stdout  # still scored
+    # real probabilities: no warning
+    lp, sp = _write(tmp_path, labels, sub)
+    code, _, err = _run(capsys, "score", "--labels", str(lp), "--predictions", str(sp),
+                        "--task", "task2", "--out", str(out), "--bootstrap", "0")  # fmt: skip
+    assert code == 0 and "0 or 1" not in err
+    assert json.loads(out.read_text())["warnings"] == []
+
+
+# --- the bootstrap interval: named in JSON and table, selectable, caveats printed ------------
+
+
+def test_interval_method_named_selectable_and_caveats_printed(tmp_path, capsys):
+    _, labels, sub, *_ = _make("task2")
+    lp, sp = _write(tmp_path, labels, sub)
+    out = tmp_path / "m.json"
+    args = ["score", "--labels", str(lp), "--predictions", str(sp), "--task", "task2",
+            "--bootstrap", "50", "--out", str(out)]  # fmt: skip
+    code, stdout, err = _run(capsys, *args)
+    assert code == 0, err
+    result = json.loads(out.read_text())
+    assert result["bootstrap"]["method"] == "BCa"
+    assert "95% BCa CI from 50 bootstrap replicates" in stdout and "percentile" not in stdout
+    # 120 images: few positives per class, so the study's coverage caveats apply and are shown
+    assert result["ci_caveats"] and set(result["ci_caveats"]) <= set(result["ci"])
+    for text in result["ci_caveats"].values():
+        assert f"caveat: {text}" in stdout
+    code, stdout, err = _run(capsys, *args, "--ci-method", "percentile")
+    assert code == 0, err
+    assert json.loads(out.read_text())["bootstrap"]["method"] == "percentile"
+    assert "95% percentile CI" in stdout
+    with pytest.raises(SystemExit):
+        main([*args, "--ci-method", "shifted"])
+    assert "invalid choice: 'shifted'" in capsys.readouterr().err

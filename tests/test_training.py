@@ -12,6 +12,7 @@ import torch
 from cxrlt.data.cache import ImageCache, build_cache
 from cxrlt.data.mimic import read_cxrlt
 from cxrlt.data.splits import patient_val_split
+from cxrlt.errors import DataError
 from cxrlt.inference import load_checkpoint, predict
 from cxrlt.labels import TASK1_CLASSES
 from cxrlt.training.fit import fit
@@ -43,8 +44,8 @@ def test_same_seed_same_weights_and_predictions(prepared, tmp_path: Path):
     fit(df, CLASSES, cache_dir, _params(), tmp_path / "b.pt")
     # Byte-identical checkpoints: DVC sees the same output hash for the same run.
     assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()
-    a = torch.load(tmp_path / "a.pt", weights_only=False)
-    b = torch.load(tmp_path / "b.pt", weights_only=False)
+    a = torch.load(tmp_path / "a.pt", weights_only=True)  # plain data only: loads safely
+    b = torch.load(tmp_path / "b.pt", weights_only=True)
     assert a["state_dict"].keys() == b["state_dict"].keys()
     for k in a["state_dict"]:
         torch.testing.assert_close(a["state_dict"][k], b["state_dict"][k], rtol=0, atol=0)
@@ -69,49 +70,103 @@ def test_unknown_labels_and_another_loss_train(prepared, tmp_path: Path):
 def test_checkpoint_must_match_exactly(prepared, tmp_path: Path):
     df, cache_dir = prepared
     fit(df, CLASSES, cache_dir, _params(), tmp_path / "d.pt")
-    ckpt = torch.load(tmp_path / "d.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "d.pt", weights_only=True)
     ckpt["state_dict"].pop(next(iter(ckpt["state_dict"])))
     torch.save(ckpt, tmp_path / "broken.pt")
-    with pytest.raises(RuntimeError, match="Missing key"):
+    with pytest.raises(DataError, match=r"broken\.pt is not a valid .*Missing key"):
         load_checkpoint(tmp_path / "broken.pt")
 
 
 DDP_SCRIPT = """
-import sys, json
+import hashlib, json, sys
 import pandas as pd
-from cxrlt.training.fit import fit
+import torch.distributed as dist
+import cxrlt.training.fit as F
 from cxrlt.labels import TASK1_CLASSES
+
+def state_hash(state):
+    h = hashlib.sha256()
+    for k, v in state.items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
 if __name__ == "__main__":
     df = pd.read_parquet(sys.argv[1])
     params = json.loads(sys.argv[3])
-    fit(df, list(TASK1_CLASSES), sys.argv[2], params, sys.argv[4])
+    out = sys.argv[4]
+    trained = {}
+    train_model = F.train_model
+    def spy(*args, **kwargs):  # the real train_model; keeps what this rank ends with
+        trained["t"] = train_model(*args, **kwargs)
+        return trained["t"]
+    F.train_model = spy
+    info = F.fit(df, list(TASK1_CLASSES), sys.argv[2], params, out + "/ddp.pt")
+    t = trained["t"]
+    with open(f"{out}/rank{t.global_rank}.json", "w") as f:
+        json.dump({"hash": state_hash(t.module.model.state_dict()), "history": t.history,
+                   "best_epoch": info["best_epoch"], "val_mAP": info["val_mAP"]}, f)
+    dist.barrier()  # rank 0 (the launcher) returns only once every rank has reported
 """
 
 
-def test_ddp_on_two_cpu_processes_gathers_validation_once(prepared, tmp_path: Path):
-    """Lightning DDP (2 CPU processes, gloo): val mAP is computed on all val images, each once."""
+@pytest.fixture(scope="module")
+def ddp_run(prepared, tmp_path_factory: pytest.TempPathFactory) -> tuple[pd.DataFrame, Path]:
+    """One Lightning DDP fit on 2 CPU processes (gloo), 2 epochs; each rank reports its weights."""
     import json
     import subprocess
     import sys
 
-    from cxrlt import metrics
-    from cxrlt.data.manifest import label_matrix
-
     df, cache_dir = prepared
+    out = tmp_path_factory.mktemp("ddp")
     val = df[df["split"] == "val"]
     if len(val) % 2 == 0:  # an odd count makes DistributedSampler pad one rank with a repeat
         df = df.drop(index=val.index[0])
-    df.to_parquet(tmp_path / "m.parquet")
+    df.to_parquet(out / "m.parquet")
     params = _params()
-    params["train"].update({"accelerator": "cpu", "devices": 2, "strategy": "ddp"})
-    script = tmp_path / "ddp_fit.py"
+    params["train"].update({"accelerator": "cpu", "devices": 2, "strategy": "ddp", "epochs": 2})
+    script = out / "ddp_fit.py"
     script.write_text(DDP_SCRIPT)
-    res = subprocess.run([sys.executable, str(script), str(tmp_path / "m.parquet"), str(cache_dir),
-                          json.dumps(params), str(tmp_path / "ddp.pt")], capture_output=True, text=True,
-                         timeout=600)
+    res = subprocess.run([sys.executable, str(script), str(out / "m.parquet"), str(cache_dir),
+                          json.dumps(params), str(out)], capture_output=True, text=True, timeout=600)  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
-    model, info = load_checkpoint(tmp_path / "ddp.pt")
+    return df, out
+
+
+def test_ddp_on_two_cpu_processes_gathers_validation_once(prepared, ddp_run):
+    """Lightning DDP (2 CPU processes, gloo): val mAP is computed on all val images, each once."""
+    from cxrlt import metrics
+    from cxrlt.data.manifest import label_matrix
+
+    _, cache_dir = prepared
+    df, out = ddp_run
+    model, info = load_checkpoint(out / "ddp.pt")
     val = df[df["split"] == "val"]
     p = predict(model, ImageCache(cache_dir), val["image_id"])
     expected = float(np.nanmean(metrics.average_precision(label_matrix(val, CLASSES), p)))
     assert info["val_mAP"] == pytest.approx(expected, abs=1e-4)
+
+
+def test_ddp_ranks_end_with_the_best_epochs_weights_and_rank_0_saves_them(ddp_run):
+    """No file exchange between ranks: each holds the best epoch's weights, identical everywhere.
+
+    The old selection made every rank read rank 0's temporary best-checkpoint file, which rank
+    0 could delete first (a rank 1 slowed by 5 s died of FileNotFoundError) and which another
+    node never sees. A rank that dies writes no report here.
+    """
+    import hashlib
+    import json
+
+    _, out = ddp_run
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    saved = torch.load(out / "ddp.pt", weights_only=True)
+    h = hashlib.sha256()
+    for k, v in saved["state_dict"].items():
+        h.update(k.encode())
+        h.update(v.contiguous().numpy().tobytes())
+    assert ranks[0]["hash"] == ranks[1]["hash"] == h.hexdigest()
+    history = ranks[0]["history"]
+    assert len(history) == 2 and ranks[1]["history"] == history
+    assert saved["best_epoch"] == int(np.argmax(history)) == ranks[1]["best_epoch"]
+    assert saved["val_mAP"] == max(history) == ranks[1]["val_mAP"]
+    assert not list(out.glob("**/*.ckpt"))  # nothing written for the selection

@@ -54,6 +54,13 @@ def _score_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")
     p.add_argument("--ci", type=float, default=0.95, help="interval level (default: 0.95)")
+    p.add_argument(
+        "--ci-method",
+        default="bca",
+        choices=("bca", "percentile", "basic"),
+        help="bootstrap interval method: bca (bias-corrected and accelerated), percentile or "
+        "basic (default: bca)",
+    )
 
 
 def _score(args: argparse.Namespace) -> int:
@@ -71,6 +78,7 @@ def _score(args: argparse.Namespace) -> int:
         n_bootstrap=args.bootstrap,
         seed=args.seed,
         ci=args.ci,
+        ci_method=args.ci_method,
     )
     print(scoring.format_report(result))
     if args.out:
@@ -79,11 +87,66 @@ def _score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "experiments",
+        nargs="*",
+        metavar="EXP",
+        help="experiment names, branch names or commit prefixes from `dvc exp show` "
+        "(default: the baseline commit and all its experiments); `workspace` for unsaved work",
+    )
+    p.add_argument("--baseline", metavar="EXP", help="the A of B - A (default: the first run)")
+    p.add_argument("--split", default="test", help="split to compare on (default: test)")
+    p.add_argument(
+        "--bootstrap",
+        type=_positive_int,
+        default=1000,
+        metavar="N",
+        help="paired study-bootstrap replicates; 0 skips the intervals (default: 1000)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")
+    p.add_argument("--ci", type=float, default=0.95, help="interval level (default: 0.95)")
+    p.add_argument(
+        "--ci-method",
+        default="percentile",
+        choices=("percentile", "bca"),
+        help="interval of the paired differences (default: percentile)",
+    )
+    p.add_argument("--repo", default=".", help="DVC repository (default: .)")
+    p.add_argument("--json", metavar="PATH", help="write the result as JSON here (atomically)")
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from cxrlt import compare
+    from cxrlt.io import write_json
+
+    result = compare.compare(
+        args.repo,
+        args.experiments,
+        baseline=args.baseline,
+        split=args.split,
+        n_bootstrap=args.bootstrap,
+        seed=args.seed,
+        ci=args.ci,
+        method=args.ci_method,
+    )
+    print(compare.format_table(result))
+    if args.json:
+        write_json(args.json, result)
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
 COMMANDS: dict[str, Command] = {
     "score": Command(
         help="score a CXR-LT submission CSV against a labels CSV",
         add_arguments=_score_arguments,
         run=_score,
+    ),
+    "compare": Command(
+        help="compare DVC experiments: mean ± SD over seeds, paired bootstrap differences",
+        add_arguments=_compare_arguments,
+        run=_compare,
     ),
 }
 

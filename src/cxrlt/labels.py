@@ -98,8 +98,8 @@ def frequency_groups(
 ) -> dict[str, str]:
     """Head (>10 % of training images), medium (1-10 %), tail (<1 %) per class.
 
-    Derived from training counts, never hard-coded: the reference code's fixed index lists
-    were wrong for Task 2.
+    Derived from training counts, never hard-coded: a fixed index list made for one label
+    space (Task 1) is silently wrong for another (Task 2 orders and selects classes apart).
     """
     if isinstance(positives, Mapping):
         items = list(positives.items()) if classes is None else [(c, positives[c]) for c in classes]

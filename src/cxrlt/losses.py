@@ -46,7 +46,7 @@ class BCE(nn.Module):
 
 
 class FocalLoss(nn.Module):
-    """Lin et al. 2017, sigmoid form."""
+    """Focal loss, sigmoid form: (1 - p_t)^gamma down-weights the easy examples."""
 
     def __init__(self, gamma: float = 2.0, alpha: float | None = None):
         super().__init__()
@@ -64,7 +64,7 @@ class FocalLoss(nn.Module):
 
 
 class AsymmetricLoss(nn.Module):
-    """Ridnik et al. 2021 (ASL), with CheXFusion's optional per-class weights."""
+    """Asymmetric loss (ASL), with CheXFusion's optional per-class weights."""
 
     def __init__(
         self,

@@ -17,7 +17,10 @@ def load_params(path: str | os.PathLike = "params.yaml") -> dict[str, Any]:
     if not path.is_file():
         raise DataError(f"{path}: params file not found (run from the repository root)")
     with open(path) as f:
-        params = yaml.safe_load(f) or {}
+        try:
+            params = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise DataError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
     if not isinstance(params, Mapping):
         raise DataError(f"{path}: expected a mapping at the top level")
     return dict(params)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -137,7 +138,8 @@ def read_submission(
     """Submission CSV: `dicom_id`, optional `study_id`, one probability column per class.
 
     Checks the columns (by name), duplicate ids, and that every probability is a number in
-    [0, 1]; returns the frame with the class columns as float64.
+    [0, 1]; returns the frame with the class columns as float64. A file of hard 0/1 values
+    is scored, with a one-line warning on stderr that `score` also records in its result.
     """
     path = Path(path)
     df = _read_csv(path, "predictions")
@@ -168,6 +170,14 @@ def read_submission(
         )
     out = df.loc[:, [ID, *(m for m in SUBMISSION_META[1:] if m in df.columns)]].copy()
     out[list(classes)] = p
+    out.attrs["warnings"] = []
+    if p.size and np.isin(p, (0.0, 1.0)).all():
+        # mAP ranks images by probability: hard labels make every class two ties
+        out.attrs["warnings"].append(
+            f"{path}: every value is 0 or 1; mAP and AUROC need probabilities, so these are the "
+            "scores of hard labels (one tie per class), not of a ranking"
+        )
+        print(f"warning: {out.attrs['warnings'][-1]}", file=sys.stderr)
     return out
 
 
@@ -235,11 +245,16 @@ def read_thresholds(path: str | os.PathLike, classes: Sequence[str]) -> np.ndarr
     missing = [c for c in classes if c not in obj]
     if missing:
         raise DataError(f"{path}: no threshold for classes {missing}")
-    values = [obj[c] for c in classes]
-    bad = [c for c, v in zip(classes, values, strict=True) if not isinstance(v, int | float)]
+    # a threshold is a number in [0, 1]: NaN compares false and true is an int in Python, and
+    # either would silently turn every prediction of the class negative (F1 0)
+    bad = [c for c in classes if isinstance(obj[c], bool) or not isinstance(obj[c], int | float)
+           or not 0 <= obj[c] <= 1]  # fmt: skip
     if bad:
-        raise DataError(f"{path}: thresholds of {bad} are not numbers")
-    return np.asarray(values, dtype=np.float64)
+        raise DataError(
+            f"{path}: threshold of class {bad[0]!r} is {json.dumps(obj[bad[0]])}; expected a "
+            f"number in [0, 1] ({len(bad)} such classes)"
+        )
+    return np.asarray([obj[c] for c in classes], dtype=np.float64)
 
 
 def score(
@@ -251,11 +266,13 @@ def score(
     n_bootstrap: int = 1000,
     seed: int = 0,
     ci: float = 0.95,
+    ci_method: str = "bca",
 ) -> dict[str, Any]:
     """Score a submission file against a labels file: `metrics.evaluate` plus provenance.
 
     Bootstrap clusters are the labels' `study_id` (views of one study are correlated);
-    without that column every image is its own cluster.
+    without that column every image is its own cluster. `ci_method`: "bca", "percentile" or
+    "basic" (`metrics.bootstrap_interval`).
     """
     classes = task_classes(task)
     label_df, y = read_labels(labels, classes, task)
@@ -268,7 +285,7 @@ def score(
         raise DataError(f"{labels}: empty {STUDY} values (needed for the study bootstrap)")
     result = metrics.evaluate(
         y, scores, classes, groups, thresholds=tuned, ids=ids,
-        n_bootstrap=n_bootstrap, seed=seed, ci=ci,
+        n_bootstrap=n_bootstrap, seed=seed, ci=ci, ci_method=ci_method,
     )  # fmt: skip
     return {
         "task": task,
@@ -276,6 +293,7 @@ def score(
         "predictions": str(predictions),
         "groups_from": groups_from,
         "clusters": STUDY if ids is not None else ID,
+        "warnings": submission.attrs.get("warnings", []),
         **result,
     }
 
@@ -306,12 +324,13 @@ def format_report(result: Mapping[str, Any]) -> str:
     lines.append("")
     boot = result.get("bootstrap")
     cis = result.get("ci", {})
+    caveats = result.get("ci_caveats") or {}
     title = f"{result['task']}: " if "task" in result else ""
     title += f"{result['n_images']} images"
     if boot:
         unit = f" ({result['clusters']})" if "clusters" in result else ""
         title += (
-            f"; {boot['level']:.0%} percentile CI from {boot['replicates']} bootstrap "
+            f"; {boot['level']:.0%} {boot['method']} CI from {boot['replicates']} bootstrap "
             f"replicates over {boot['n_clusters']} clusters{unit}"
         )
     lines.append(title)
@@ -324,6 +343,8 @@ def format_report(result: Mapping[str, Any]) -> str:
             lo, hi = cis[k]
             line += f"  [{lo:.4f}, {hi:.4f}]"
         lines.append(line)
+        if caveats.get(k):
+            lines.append(f"  {'':<11}{'':>7}  caveat: {caveats[k]}")
     if result["undefined_classes"]:
         lines.append(
             "  undefined (no positives, left out of every mean): "

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from cxrlt.errors import DataError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def run_stage(main: Callable[[], None]) -> None:
@@ -15,5 +20,22 @@ def run_stage(main: Callable[[], None]) -> None:
         main()
     except DataError as e:
         # Bad input or params: one clear line, not a traceback from deep inside pandas/torch.
-        print(f"error: {e}", file=sys.stderr)
+        # Messages that embed a library's text can hold newlines; the user gets one line.
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
         sys.exit(2)
+
+
+def read_parquet(path: str | os.PathLike, key: str, stage: str) -> pd.DataFrame:
+    """A stage's Parquet input; a missing or unreadable file is one line naming it.
+
+    `key` is the params entry that names the file, `stage` the stage that writes it, so the
+    message says what to fix (the param) or what to run (the stage).
+    """
+    import pandas as pd
+
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: file not found (params {key}; run `dvc repro {stage}`)")
+    try:
+        return pd.read_parquet(path)
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        raise DataError(f"{path}: not a readable Parquet file ({e}; params {key})") from None

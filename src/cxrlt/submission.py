@@ -1,6 +1,6 @@
 """Predictions table and CXR-LT submission files.
 
-A submission holds probabilities (mAP needs a ranking; the reference code binarised at 0.5),
+A submission holds probabilities (mAP needs a ranking; labels binarised at 0.5 rank nothing),
 one row per dicom_id with its study_id, class columns named and ordered as the task's.
 """
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -28,6 +29,15 @@ def predictions_frame(rows: pd.DataFrame, classes: Sequence[str], probs: np.ndar
 
 def probabilities(preds: pd.DataFrame, classes: Sequence[str]) -> np.ndarray:
     return preds[[f"p:{c}" for c in classes]].to_numpy(dtype=np.float64)
+
+
+def submission_path(directory: str | os.PathLike, task: str) -> Path:
+    """`<directory>/<task>_test.csv`: the file is named after the task it answers.
+
+    dvc.yaml declares the same path (`${predict.submission_dir}/${task}_test.csv`); DVC does
+    not interpolate inside params.yaml, so the name is built here rather than written there.
+    """
+    return Path(directory) / f"{task}_test.csv"
 
 
 def write_submission(path: str | os.PathLike, preds: pd.DataFrame, classes: Sequence[str]) -> pd.DataFrame:

@@ -6,7 +6,13 @@ costs a memcpy per image instead of a JPEG decode of a 2,500 px original. Buildi
   the final antialiased resize, which makes decoding several times faster on large originals;
 - several processes, a progress bar;
 - resumable: rows are written into a partial memmap beside a done-mask, so a killed build
-  continues where it stopped; the finished array is renamed into place only when complete;
+  continues where it stopped; the finished array is renamed into place only when complete.
+  A partial build is keyed by the image list, the size, the bit depth and a code version (a
+  hash of this module and Pillow's version), so one made with other settings or code is
+  never continued (it is deleted);
+- 16-bit images are scaled by their declared depth, never by a guess from their values:
+  `bits_stored` (default 16, the container's depth; 12 for raw 12-bit values in a 16-bit PNG)
+  maps 0 .. 2**bits_stored - 1 to 0 .. 255. 8-bit images are 8-bit whatever it says;
 - unreadable or truncated images are listed in the report and either fail the build with
   the list (`on_error: fail`) or are skipped and marked `ok = False` in the index.
 """
@@ -16,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -23,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import PIL
 from PIL import Image, ImageFile
 from tqdm import tqdm
 
@@ -31,16 +39,37 @@ from cxrlt.io import write_json, write_parquet
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 ON_ERROR = ("fail", "skip")
+WIDE_MODES = ("I;16", "I;16B", "I;16L", "I")  # more than 8 bits per sample
 
 
-def load_resized(path: str | os.PathLike, size: int) -> np.ndarray:
-    """Read one image as uint8 (size, size): long side scaled to `size`, centred, zero-padded."""
+def _code_version() -> str:
+    """This module's source and Pillow's version: together they decide every cached pixel."""
+    h = hashlib.sha256(Path(__file__).read_bytes())
+    h.update(f"Pillow {PIL.__version__}".encode())
+    return h.hexdigest()[:16]
+
+
+CODE_VERSION = _code_version()
+
+
+def check_bits_stored(bits_stored: object) -> int:
+    """The significant bits of 16-bit images: an integer in [8, 16]."""
+    if isinstance(bits_stored, bool) or not isinstance(bits_stored, int) or not 8 <= bits_stored <= 16:
+        raise DataError(f"cache.bits_stored must be an integer in [8, 16], got {bits_stored!r}")
+    return bits_stored
+
+
+def load_resized(path: str | os.PathLike, size: int, bits_stored: int = 16) -> np.ndarray:
+    """Read one image as uint8 (size, size): long side scaled to `size`, centred, zero-padded.
+
+    An image of more than 8 bits per sample maps 0 .. 2**bits_stored - 1 linearly to 0 .. 255.
+    """
     with Image.open(path) as img:
         if img.format == "JPEG":
             # Let libjpeg decode at the smallest DCT scale that still covers `size`.
             img.draft("L", (size, size))
         img.load()
-        img = _to_uint8_gray(img)
+        img = _to_uint8_gray(img, bits_stored)
     w, h = img.size
     scale = size / max(w, h)
     nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
@@ -52,25 +81,29 @@ def load_resized(path: str | os.PathLike, size: int) -> np.ndarray:
     return out
 
 
-def _to_uint8_gray(img: Image.Image) -> Image.Image:
+def _to_uint8_gray(img: Image.Image, bits_stored: int = 16) -> Image.Image:
     if img.mode == "L":
         return img
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+    if img.mode in WIDE_MODES:
+        # The declared depth, not the image's own maximum: a dark 16-bit image stays dark and
+        # 12-bit values (bits_stored 12) fill the range. The DICOM conversion writes full-range
+        # 16-bit PNGs, so the default of 16 is right for them.
         a = np.asarray(img, dtype=np.float32)
-        # 16-bit PNGs from the DICOM conversion use the full range; map it linearly.
-        hi = 65535.0 if a.max() > 255 else 255.0
-        return Image.fromarray(np.clip(a * (255.0 / hi) + 0.5, 0, 255).astype(np.uint8))
+        top = float(2**bits_stored - 1)
+        return Image.fromarray(np.clip(a * (255.0 / top) + 0.5, 0, 255).astype(np.uint8))
     return img.convert("L")
 
 
-def _load_chunk(args: tuple[np.ndarray, list[str], int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
-    rows, paths, size = args
+def _load_chunk(
+    args: tuple[np.ndarray, list[str], int, int],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    rows, paths, size, bits_stored = args
     out = np.zeros((len(rows), size, size), dtype=np.uint8)
     errors: list[str] = []
     ok = np.ones(len(rows), dtype=bool)
     for i, p in enumerate(paths):
         try:
-            out[i] = load_resized(p, size)
+            out[i] = load_resized(p, size, bits_stored)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             ok[i] = False
             errors.append(f"{p}: {type(e).__name__}: {e}")
@@ -90,8 +123,9 @@ class CacheReport:
         return self.__dict__.copy()
 
 
-def _key(image_ids: list[str], paths: list[str], size: int) -> str:
-    h = hashlib.sha1(str(size).encode())
+def _key(image_ids: list[str], paths: list[str], size: int, bits_stored: int) -> str:
+    """What decides a partial build's pixels: images, size, bit depth and code version."""
+    h = hashlib.sha1(f"{size}\t{bits_stored}\t{CODE_VERSION}\n".encode())
     for i, p in zip(image_ids, paths, strict=True):
         h.update(f"{i}\t{p}\n".encode())
     return h.hexdigest()[:16]
@@ -106,20 +140,28 @@ def build_cache(
     partial_dir: str | os.PathLike | None = None,
     chunk: int = 64,
     progress: bool = True,
+    bits_stored: int = 16,
 ) -> CacheReport:
     """Write `out_dir/images.npy`, `out_dir/index.parquet` and `out_dir/report.json`."""
     if on_error not in ON_ERROR:
         raise DataError(f"cache.on_error must be one of {ON_ERROR}, got {on_error!r}")
+    bits_stored = check_bits_stored(bits_stored)
     out_dir = Path(out_dir)
     partial_dir = Path(partial_dir) if partial_dir else out_dir.parent / ".partial"
     ids = manifest["image_id"].astype(str).tolist()
     paths = manifest["path"].astype(str).tolist()
     n = len(ids)
-    key = _key(ids, paths, size)
-    part = partial_dir / f"{key}.npy"
-    done_path = partial_dir / f"{key}.done.npy"
-    fail_path = partial_dir / f"{key}.failed.json"
+    key = _key(ids, paths, size, bits_stored)
+    prefix = f"{out_dir.name}-"
+    part = partial_dir / f"{prefix}{key}.npy"
+    done_path = partial_dir / f"{prefix}{key}.done.npy"
+    fail_path = partial_dir / f"{prefix}{key}.failed.json"
     partial_dir.mkdir(parents=True, exist_ok=True)
+    ours = re.compile(re.escape(prefix) + r"[0-9a-f]{16}\.")
+    for stale in partial_dir.iterdir():
+        # A partial build of this output under other images, settings or code: never reused.
+        if ours.match(stale.name) and not stale.name.startswith(f"{prefix}{key}."):
+            stale.unlink(missing_ok=True)
     if part.exists() and done_path.exists():
         arr = np.load(part, mmap_mode="r+")
         done = np.load(done_path)
@@ -133,7 +175,7 @@ def build_cache(
         failed = {}
     resumed = int(done.sum())
     todo = np.flatnonzero(~done)
-    jobs = [(todo[i : i + chunk], [paths[j] for j in todo[i : i + chunk]], size)
+    jobs = [(todo[i : i + chunk], [paths[j] for j in todo[i : i + chunk]], size, bits_stored)
             for i in range(0, len(todo), chunk)]  # fmt: skip
     t0 = time.perf_counter()
     bar = tqdm(total=n, initial=resumed, desc=f"cache {size}px", disable=not progress, unit="img")

@@ -105,7 +105,7 @@ def apply_policies(
     uncertain (-1): "ignore" -> NaN (U-Ignore, masked), "ones" -> 1 (U-Ones), "zeros" -> 0.
     blank (not mentioned): default "zeros". The labeller leaves a finding blank when the
     report does not mention it, which is how the CXR-LT MIMIC labels encode negatives (their
-    training CSVs hold 0/1 only), and the CheXpert paper trains on blank = 0. Blank as
+    training CSVs hold 0/1 only), and blank = 0 is CheXpert's own training convention. Blank as
     unknown would also leave most classes almost without negatives (Pleural Other: 3,523
     positives, 316 explicit negatives, 216,922 blank; "No Finding" is never 0).
     "ignore" keeps blank unknown except where the labeller's own rules imply the value:

@@ -7,13 +7,22 @@ MONOCHROME2). The result is min-max scaled to the full 8- or 16-bit range per im
 windowing already clips to the intended range and the DICOMs of one source vary in bit
 depth. The PNG carries pixels only: no text chunks, so no patient name, id or date leaks
 from the DICOM header into the image cache.
+
+The output folder persists between runs (conversion is slow and resumable), so it records
+what produced each PNG in `provenance.json`: the source file and its size, the bit depth and
+a code version (a hash of this module and the pydicom version). A PNG is reused only when its
+record matches what this run would write; anything else is converted again, and PNGs no
+longer listed are removed, so a change of settings or code never leaves stale images behind.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import multiprocessing as mp
 import os
+import time
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -27,12 +36,23 @@ from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from tqdm import tqdm
 
 from cxrlt.errors import DataError
-from cxrlt.io import atomic_path
+from cxrlt.io import atomic_path, write_text
 
 log = logging.getLogger(__name__)
 
 GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
 ErrorPolicy = Literal["fail", "skip"]
+PROVENANCE = "provenance.json"  # in the output folder: what produced each PNG
+
+
+def _code_version() -> str:
+    """This module's source and pydicom's version: together they decide every output pixel."""
+    h = hashlib.sha256(Path(__file__).read_bytes())
+    h.update(f"pydicom {pydicom.__version__}".encode())
+    return h.hexdigest()[:16]
+
+
+CODE_VERSION = _code_version()
 
 
 def dataset_to_array(ds: pydicom.Dataset, bits: int = 16) -> np.ndarray:
@@ -78,16 +98,45 @@ class ConversionReport:
     """What `convert_dicoms` did; `failed` maps each unreadable DICOM to the reason."""
 
     converted: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)  # output already there (resumed run)
+    skipped: list[str] = field(default_factory=list)  # up to date: its record matches
+    removed: list[str] = field(default_factory=list)  # PNGs of sources no longer listed
     failed: dict[str, str] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, object]:
         return {"converted": len(self.converted), "skipped": len(self.skipped),
-                "failed": dict(self.failed)}  # fmt: skip
+                "removed": len(self.removed), "failed": dict(self.failed)}  # fmt: skip
 
     def __str__(self) -> str:
-        return (f"{len(self.converted)} converted, {len(self.skipped)} already present, "
-                f"{len(self.failed)} failed")  # fmt: skip
+        return (f"{len(self.converted)} converted, {len(self.skipped)} up to date, "
+                f"{len(self.removed)} removed, {len(self.failed)} failed")  # fmt: skip
+
+
+def _record(src: str, bits: int) -> dict[str, object] | None:
+    """What a conversion of `src` now would be made from; None if the source is unreadable."""
+    try:
+        size = os.stat(src).st_size
+    except OSError:
+        return None
+    return {"source": src, "source_bytes": size, "bits": bits, "code": CODE_VERSION}
+
+
+def read_provenance(out_dir: str | os.PathLike) -> dict[str, dict[str, object]]:
+    """PNG name -> record of what produced it; empty when the folder has no (readable) record."""
+    path = Path(out_dir) / PROVENANCE
+    try:
+        files = json.loads(path.read_text())["files"]
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("%s unreadable (%s): every PNG there is converted again", path, exc)
+        return {}
+    return files if isinstance(files, dict) else {}
+
+
+def _write_provenance(out_dir: Path, records: dict[str, dict[str, object]]) -> None:
+    doc = {"code_version": CODE_VERSION, "pydicom": pydicom.__version__,
+           "files": {k: records[k] for k in sorted(records)}}  # fmt: skip
+    write_text(out_dir / PROVENANCE, json.dumps(doc, indent=1, sort_keys=True) + "\n")
 
 
 def _convert_one(src: str, dst: str, bits: int, compress_level: int) -> tuple[str, str | None]:
@@ -123,35 +172,64 @@ def convert_dicoms(
     progress: bool = True,
     compress_level: int = 3,
 ) -> ConversionReport:
-    """Convert DICOMs to `<out_dir>/<stem>.png`, in parallel, resumably.
+    """Convert DICOMs to `<out_dir>/<stem>.png`, in parallel, resumably; `out_dir` mirrors `paths`.
 
-    PNGs already present are skipped (writes are atomic, so an existing PNG is complete);
-    `overwrite=True` redoes them. Unreadable DICOMs are collected: `on_error="skip"` records
-    them in the report, `"fail"` raises a DataError listing them after converting the rest
-    (so a rerun after fixing them resumes). `workers=None` uses every CPU; 1 runs in-process.
+    A PNG is reused only if `provenance.json` records it as made from this source (path and
+    size) with these settings and this code version; writes are atomic and a PNG is recorded
+    only after it is written, so a killed run resumes without trusting anything stale.
+    `overwrite=True` redoes every PNG. PNGs whose source is no longer in `paths` are removed.
+    Unreadable DICOMs are collected: `on_error="skip"` records them in the report, `"fail"`
+    raises a DataError listing them after converting the rest (so a rerun after fixing them
+    resumes). `workers=None` uses every CPU; 1 runs in-process.
     """
     if bits not in (8, 16):
         raise ValueError(f"bits must be 8 or 16, got {bits}")
     if on_error not in ("fail", "skip"):
         raise ValueError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
     mapping = output_paths(paths, out_dir)
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     report = ConversionReport()
+    wanted = {Path(dst).name for dst in mapping.values()}
+    for stale in sorted(out.glob("*.png")):
+        if stale.name not in wanted:
+            stale.unlink()
+            report.removed.append(str(stale))
+    for leftover in out.glob(".*.tmp"):  # temporary files of a killed run
+        leftover.unlink(missing_ok=True)
+    records = {name: rec for name, rec in read_provenance(out).items() if name in wanted}
+    expected: dict[str, dict[str, object] | None] = {}
     todo = []
     for src, dst in mapping.items():
-        if not overwrite and os.path.exists(dst):
+        expected[src] = _record(src, bits)
+        name = Path(dst).name
+        fresh = expected[src] is not None and records.get(name) == expected[src]
+        if not overwrite and fresh and os.path.exists(dst):
             report.skipped.append(dst)
         else:
             todo.append((src, dst))
+            records.pop(name, None)
+    # Records of the PNGs about to be rewritten go first: a record on disk then always
+    # describes the PNG on disk, whenever the run is killed.
+    _write_provenance(out, records)
     workers = min(workers or os.cpu_count() or 1, max(len(todo), 1))
     bar = tqdm(total=len(todo), desc="dicom -> png", unit="img", disable=not progress)
+    last_save = time.monotonic()
 
     def record(src: str, error: str | None) -> None:
-        if error is None:
+        nonlocal last_save
+        name = Path(mapping[src]).name
+        if error is None and expected[src] is not None:
             report.converted.append(mapping[src])
+            records[name] = expected[src]
         else:
-            report.failed[src] = error
+            report.failed[src] = error or "source file unreadable"
+            records.pop(name, None)
+            Path(mapping[src]).unlink(missing_ok=True)  # an older PNG would pass for this one
         bar.update()
+        if time.monotonic() - last_save > 10:  # a kill loses at most ~10 s of records
+            _write_provenance(out, records)
+            last_save = time.monotonic()
 
     try:
         if workers <= 1:
@@ -167,6 +245,7 @@ def convert_dicoms(
                     record(*future.result())
     finally:
         bar.close()
+        _write_provenance(out, records)
     log.info("dicom -> png in %s: %s", out_dir, report)
     if report.failed and on_error == "fail":
         shown = "; ".join(f"{k}: {v}" for k, v in list(report.failed.items())[:10])

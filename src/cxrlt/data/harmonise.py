@@ -5,7 +5,7 @@ aligns it to any target label space by name. A target class that no source label
 NaN (unknown, masked by the loss), never 0: NIH does not annotate Fracture, so an NIH image
 says nothing about fractures. Several source labels mapping to one target combine with max
 (a positive wins; NaN only where all are NaN); one source label may feed several targets
-(VinDr's "Nodule/Mass" is evidence for both Nodule and Mass).
+(VinDr's "Nodule/Mass" feeds Nodule and Mass; its policy is in `cxrlt.data.vindr`).
 
 Source labels with no faithful CXR-LT counterpart are dropped and listed in `DROPPED_LABELS`
 with the reason, so the README can show them. A wrong mapping is worse than none: it adds
@@ -67,8 +67,9 @@ LABEL_MAP: dict[str, dict[str, tuple[str, ...]]] = {
         "Consolidation": ("Consolidation",),
         "Infiltration": ("Infiltration",),
         "Lung Opacity": ("Lung Opacity",),
-        # VinDr annotates nodules and masses as one box class; a positive is evidence for
-        # both (as REFERENCE.md §2 prescribes), a negative rules out both.
+        # VinDr annotates nodules and masses as one box class; a negative rules out both. A
+        # positive is evidence for both, or for neither in particular: the adapter's
+        # `nodule_mass` policy (both | unknown) decides before relabelling.
         "Nodule/Mass": ("Nodule", "Mass"),
         "Pleural effusion": ("Pleural Effusion",),
         "Pleural thickening": ("Pleural Thickening",),

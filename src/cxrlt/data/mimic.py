@@ -43,7 +43,7 @@ def read_labels_csv(path: Path, classes: Sequence[str], allow_unlabelled: bool =
         raise DataError(f"{path}: file not found")
     try:
         df = pd.read_csv(path, dtype={"dicom_id": str, "subject_id": str, "study_id": str})
-    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot parse CSV ({e})") from None
     unlabelled = allow_unlabelled and not any(c in df.columns for c in classes)
     missing = [c for c in (*ID_COLUMNS, *([] if unlabelled else classes)) if c not in df.columns]

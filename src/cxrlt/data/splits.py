@@ -1,8 +1,8 @@
 """Patient-level validation split with iterative multi-label stratification.
 
-Splitting over image rows leaks studies and patients between train and validation (a
-defect of the reference code); here the unit is the patient, and patients are assigned by
-iterative stratification (Sechidis et al., 2011) so that rare labels reach both sides.
+Splitting over image rows leaks studies and patients between train and validation (views
+of one study are near-duplicates); here the unit is the patient, and patients are assigned
+by iterative multi-label stratification so that rare labels reach both sides.
 """
 
 from __future__ import annotations

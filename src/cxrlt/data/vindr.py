@@ -3,8 +3,8 @@
 Layout under `root`: `train.csv` (one row per box or "No finding" vote: `image_id,
 class_name, class_id, rad_id, x_min, y_min, x_max, y_max`) and `train/<image_id>.dicom`.
 Each image was read by three radiologists (17 readers in all), so an image has several
-rows; `read_vindr` aggregates them under a reader policy (see there). The reference code
-built labels per annotation row, which turned one image into many contradicting samples.
+rows; `read_vindr` aggregates them under a reader policy (see there). Labels built per
+annotation row would turn one image into many contradicting samples.
 
 Images are DICOM; the manifest's `path` points at the converted PNG
 `<png_root>/<image_id>.png` (write them with `cxrlt.data.dicom.convert_dicoms` on
@@ -12,6 +12,10 @@ Images are DICOM; the manifest's `path` points at the converted PNG
 patient and study id, so a patient-level split is image-level here (the best available).
 All images are frontal (the release holds posteroanterior CXRs); the raw view code is not
 in the CSV, so `view_position` is empty.
+
+VinDr draws nodules and masses as one box class, "Nodule/Mass"; CXR-LT has Nodule and Mass
+apart. Turning one finding into two labels is a choice, made by `nodule_mass` (see
+`split_nodule_mass`).
 """
 
 from __future__ import annotations
@@ -42,8 +46,11 @@ NO_FINDING = "No finding"
 VINDR_LABELS: tuple[str, ...] = source_label_names(SOURCE)
 FINDINGS: tuple[str, ...] = tuple(c for c in VINDR_LABELS if c != NO_FINDING)
 READER_POLICIES = ("any", "majority")
+NODULE_MASS = "Nodule/Mass"
+NODULE_MASS_POLICIES = ("both", "unknown")
 
 ReaderPolicy = Literal["any", "majority"]
+NoduleMassPolicy = Literal["both", "unknown"]
 
 
 def read_annotations(root: Path) -> pd.DataFrame:
@@ -102,6 +109,27 @@ def aggregate_readers(ann: pd.DataFrame, policy: ReaderPolicy, where: str) -> pd
     return pd.DataFrame(positive.astype(np.float32), columns=list(VINDR_LABELS), index=counts.index)
 
 
+def split_nodule_mass(labels: pd.DataFrame, policy: NoduleMassPolicy) -> pd.DataFrame:
+    """Apply the Nodule/Mass policy to aggregated labels (before relabelling to CXR-LT).
+
+    "both": a Nodule/Mass positive is positive for Nodule and for Mass, so every such image
+    gets one label the radiologists did not give (a nodule is not a mass; CXR-LT tells them
+    apart by size, 3 cm). "unknown": a positive leaves Nodule and Mass unknown (NaN, masked
+    out of losses and metrics), since it says one of them is there but not which. Either
+    way an image without a Nodule/Mass box is negative for both, and one with it is not Normal.
+    """
+    if policy not in NODULE_MASS_POLICIES:
+        raise DataError(
+            f"params external.sources.vindr.nodule_mass: {policy!r}; "
+            f"valid: {list(NODULE_MASS_POLICIES)}"
+        )
+    if policy == "both":
+        return labels
+    out = labels.copy()
+    out[NODULE_MASS] = out[NODULE_MASS].where(out[NODULE_MASS] != 1, np.float32(np.nan))
+    return out
+
+
 def scan_dicoms(folder: Path) -> dict[str, str]:
     """image_id -> DICOM path, from one listing of the folder (not a stat per image)."""
     found: dict[str, str] = {}
@@ -127,8 +155,12 @@ def read_vindr(
     reader_policy: ReaderPolicy = "any",
     check_files: bool = True,
     png_root: str | os.PathLike | None = None,
+    nodule_mass: NoduleMassPolicy = "both",
 ) -> pd.DataFrame:
     """Manifest of the VinDr-CXR (VinBigData) download at `root`, one row per image.
+
+    `nodule_mass`: "both" or "unknown", how the one Nodule/Mass box class becomes CXR-LT's
+    Nodule and Mass (see `split_nodule_mass`).
 
     `png_root`: folder of the converted PNGs (default `<root>/train_png`); `path` is
     `<png_root>/<image_id>.png` whether or not the PNG exists yet. `check_files` checks the
@@ -142,7 +174,7 @@ def read_vindr(
         raise DataError(f"{root}: no {CSV_NAME} (is this the VinDr-CXR / VinBigData folder?)")
     where = str(root / CSV_NAME)
     ann = read_annotations(root)
-    labels = aggregate_readers(ann, reader_policy, where)
+    labels = split_nodule_mass(aggregate_readers(ann, reader_policy, where), nodule_mass)
     ids = labels.index.to_series(index=None).astype(str).reset_index(drop=True)
     if check_files:
         found = scan_dicoms(root / DICOM_DIR)

@@ -1,12 +1,20 @@
-"""Train the stage-1 image classifier from params and write a self-describing checkpoint."""
+"""Train the stage-1 image classifier from params and write a self-describing checkpoint.
+
+The best epoch (by val mAP) is kept in memory, not in a checkpoint file: under DDP each rank
+would otherwise need rank 0's file, which another node cannot see and which rank 0 may delete
+first. val mAP is computed on predictions gathered from every rank, so all ranks see the same
+value; rank 0's decision and, at the end, rank 0's best weights are broadcast anyway, so every
+rank ends with the same weights whatever their buffers did. Rank 0 writes the checkpoint.
+"""
 
 from __future__ import annotations
 
 import io
 import logging
+import math
 import os
-import tempfile
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +48,61 @@ def train_counts(manifest: pd.DataFrame, classes: list[str]) -> tuple[np.ndarray
     return np.nansum(y, axis=0), int((manifest["split"] == "train").sum())
 
 
+class BestWeights(L.Callback):
+    """Keeps a CPU copy of the weights of the epoch with the highest `monitor` (first on ties).
+
+    The same rule as Lightning's ModelCheckpoint(mode="max", save_top_k=1): the first
+    validation is always taken, later ones only when strictly better, NaN counts as -inf.
+    """
+
+    def __init__(self, monitor: str = "val/mAP"):
+        self.monitor = monitor
+        self.history: list[float] = []  # the monitored value of every validation, in order
+        self.best_epoch: int | None = None
+        self.best_score: float | None = None
+        self.state: dict[str, torch.Tensor] | None = None
+
+    @staticmethod
+    def _copy(module: L.LightningModule) -> dict[str, torch.Tensor]:
+        return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        value = trainer.callback_metrics.get(self.monitor)
+        score = None if value is None else float(value)
+        improved = False
+        if score is not None:
+            current = -math.inf if math.isnan(score) else score
+            best = self.best_score
+            improved = self.state is None or current > (-math.inf if best is None or math.isnan(best) else best)
+        # Rank 0 decides for all (the values agree; this makes agreement a guarantee).
+        improved, score = trainer.strategy.broadcast((improved, score), src=0)
+        if score is not None:
+            self.history.append(score)
+        if improved:
+            self.state = self._copy(pl_module)
+            self.best_epoch, self.best_score = trainer.current_epoch, score
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.state is None:  # no validation ran: the last weights
+            self.state = self._copy(pl_module)
+        # Every rank takes rank 0's copy: identical weights and buffers everywhere.
+        self.state, self.best_epoch, self.best_score = trainer.strategy.broadcast(
+            (self.state, self.best_epoch, self.best_score), src=0
+        )
+
+
+@dataclass
+class Trained:
+    """What `train_model` returns on every rank: the module holding the selected weights."""
+
+    module: ImageClassifierModule
+    info: dict[str, Any]
+    global_rank: int = 0
+    history: list[float] = field(default_factory=list)  # val mAP per epoch
+
+
 def fit(
     manifest: pd.DataFrame,
     classes: list[str],
@@ -48,7 +111,21 @@ def fit(
     out_checkpoint: str | os.PathLike,
     live_dir: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """Train on split "train", select the epoch by val mAP, save weights + config."""
+    """Train on split "train", select the epoch by val mAP, save weights + config (rank 0)."""
+    trained = train_model(manifest, classes, cache_dir, params, live_dir)
+    if trained.global_rank == 0:  # under DDP every rank holds the same weights; one writes
+        save_checkpoint(out_checkpoint, trained.module.model.state_dict(), trained.info)
+    return trained.info
+
+
+def train_model(
+    manifest: pd.DataFrame,
+    classes: list[str],
+    cache_dir: str | os.PathLike,
+    params: Mapping[str, Any],
+    live_dir: str | os.PathLike | None = None,
+) -> Trained:
+    """Train on split "train" and load the weights of the best val mAP epoch, on every rank."""
     tp = params["train"]
     seed = int(params.get("seed", 0))
     L.seed_everything(seed, workers=True)
@@ -84,50 +161,59 @@ def fit(
 
         # dvcyaml=None: dvc.yaml is ours; dvclive must not rewrite it.
         loggers.append(DVCLiveLogger(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False, report=None))
-    with tempfile.TemporaryDirectory(prefix="cxrlt-ckpt-") as ckpt_dir:
-        checkpoint = L.pytorch.callbacks.ModelCheckpoint(
-            dirpath=ckpt_dir, monitor="val/mAP", mode="max", save_top_k=1, save_weights_only=True,
-            filename="best",
-        )
-        trainer = L.Trainer(
-            max_epochs=int(tp["epochs"]),
-            accelerator=tp.get("accelerator", "auto"),
-            devices=tp.get("devices", "auto"),
-            strategy=tp.get("strategy", "auto"),
-            precision=tp.get("precision", "32-true"),
-            deterministic=True,
-            logger=loggers or False,
-            callbacks=[checkpoint],
-            enable_progress_bar=bool(tp.get("progress_bar", True)),
-            log_every_n_steps=int(tp.get("log_every_n_steps", 10)),
-            num_sanity_val_steps=0,
-            limit_train_batches=tp.get("limit_train_batches", 1.0),
-            enable_model_summary=False,
-        )
-        trainer.fit(module, train_loader, val_loader)
-        best = checkpoint.best_model_path
-        state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"] if best else module.state_dict()
-        module.load_state_dict(state)
-        best_score = float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else None
+    best = BestWeights("val/mAP")
+    trainer = L.Trainer(
+        max_epochs=int(tp["epochs"]),
+        accelerator=tp.get("accelerator", "auto"),
+        devices=tp.get("devices", "auto"),
+        strategy=tp.get("strategy", "auto"),
+        precision=tp.get("precision", "32-true"),
+        deterministic=True,
+        logger=loggers or False,
+        callbacks=[best],
+        enable_checkpointing=False,  # no checkpoint files: the best weights stay in memory
+        enable_progress_bar=bool(tp.get("progress_bar", True)),
+        log_every_n_steps=int(tp.get("log_every_n_steps", 10)),
+        num_sanity_val_steps=0,
+        limit_train_batches=tp.get("limit_train_batches", 1.0),
+        enable_model_summary=False,
+    )
+    trainer.fit(module, train_loader, val_loader)
+    module.load_state_dict(best.state)
     info = {
         "classes": classes,
         "model": model_cfg.to_dict(),
         "train_counts": counts.tolist(),
         "n_train_images": n_train,
-        "val_mAP": best_score,
+        "val_mAP": best.best_score,
+        "best_epoch": best.best_epoch,  # 0-based
         "loss": params["loss"],
         "seed": seed,
     }
-    if trainer.is_global_zero:  # under DDP every rank holds the same weights; one writes
-        save_checkpoint(out_checkpoint, module.model.state_dict(), info)
-    return info
+    return Trained(module, info, int(trainer.global_rank), list(best.history))
+
+
+def _plain(value: Any, where: str) -> Any:
+    """Plain Python data (numpy scalars and arrays converted), so the checkpoint loads with
+    torch.load(weights_only=True), which refuses any other object."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    if isinstance(value, Mapping):
+        return {k: _plain(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v, f"{where}[{i}]") for i, v in enumerate(value))
+    raise TypeError(f"checkpoint {where}: {type(value).__name__} is not plain data")
 
 
 def save_checkpoint(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
     """Atomic and byte-reproducible: torch.save names its zip folder after the file, so the
     archive is built in memory (fixed name) rather than in a randomly named temp file."""
     buffer = io.BytesIO()
-    torch.save({"state_dict": state_dict, **info}, buffer)
+    torch.save({"state_dict": state_dict, **_plain(dict(info), "info")}, buffer)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path, suffix=".pt") as tmp:
         tmp.write_bytes(buffer.getvalue())

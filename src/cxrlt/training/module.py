@@ -108,6 +108,6 @@ class ImageClassifierModule(L.LightningModule):
             t = (step - warmup) / max(1, total - warmup)
             return floor + (1 - floor) * 0.5 * (1 + np.cos(np.pi * min(t, 1.0)))
 
-        # Stepped every optimizer step (the reference code stepped per epoch: a flat schedule).
+        # Stepped every optimizer step: stepped per epoch, a short run's schedule stays flat.
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
