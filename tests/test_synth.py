@@ -113,3 +113,19 @@ def test_findings_are_drawn(tiny_synth: Path):
     effusion = mean_image(train[train["Pleural Effusion"] == 1])
     # Effusion fills the lung bases: the lower half gets brighter than in Normal studies.
     assert effusion[40:56].mean() > normal[40:56].mean()
+
+
+def test_prevalence_floor_lifts_the_rarest_findings_but_keeps_them_in_the_tail():
+    from cxrlt.synth.mimic import _sample_study_labels
+
+    classes = list(TASK1_CLASSES)
+    plain = _sample_study_labels(np.random.default_rng(0), 100_000)[:, : len(classes)].mean(0)
+    floored = _sample_study_labels(np.random.default_rng(0), 100_000, 0.005)[:, : len(classes)]
+    floored = floored.mean(0)
+    rare = classes.index("Lobar Atelectasis")  # 126 of 258,871 real training images
+    assert plain[rare] < 0.002
+    findings = [i for i, c in enumerate(classes) if c != "Normal"]
+    assert floored[findings].min() > 0.004  # sampling SD at n = 100,000 is ~0.0002
+    assert floored[rare] < 0.01  # still a tail class (< 1 %)
+    head = classes.index("Cardiomegaly")
+    assert abs(floored[head] - plain[head]) < 0.01  # frequent classes untouched

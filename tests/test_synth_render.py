@@ -18,8 +18,15 @@ from cxrlt.labels import (
     frequency_groups,
 )
 from cxrlt.synth.anatomy import Anatomy, sample_anatomy
-from cxrlt.synth.findings import CONSPICUITY, FINDINGS, LATERAL_VISIBLE, SIGNS
-from cxrlt.synth.render import render
+from cxrlt.synth.findings import (
+    CONSPICUITY,
+    FINDINGS,
+    GRADE_SIGNAL,
+    GRADES,
+    LATERAL_VISIBLE,
+    SIGNS,
+)
+from cxrlt.synth.render import render, sign_signal
 
 SIZE = 128
 SEEDS = (0, 1)
@@ -229,11 +236,37 @@ def _energy(finding: str, seeds=range(3)) -> float:
     return float(np.mean([np.abs(_diff(finding, seed=s)).mean() for s in seeds]))
 
 
-def test_head_classes_are_more_conspicuous_than_tail_classes():
+GRADE_ORDER = ("obvious", "clear", "moderate", "subtle")
+
+
+@pytest.fixture(scope="module")
+def signals() -> dict[str, float]:
+    """Each finding's signal at the demo's 128-px training resolution (4 anatomies)."""
+    return {f: sign_signal(f, n=4) for f in FINDINGS if f != "Normal"}
+
+
+def test_every_finding_has_a_conspicuity_grade_and_meets_its_target(signals):
+    assert set(GRADES) == set(FINDINGS) and GRADES["Normal"] == "none"
+    for finding, value in signals.items():
+        grade = GRADES[finding]
+        assert grade in GRADE_ORDER, finding
+        assert value >= 0.6 * GRADE_SIGNAL[grade], (finding, grade, value)
+
+
+def test_conspicuity_follows_radiology_not_frequency(signals):
+    """Grades order the signal; rare but obvious findings (free air, a hydropneumothorax's
+    fluid level, subcutaneous air, kyphosis) outshine the typical medium-frequency class, and
+    the subtle ones (pulmonary embolism, infarction, acute rib fractures) stay faint."""
+    medians = [np.median([v for f, v in signals.items() if GRADES[f] == g]) for g in GRADE_ORDER]
+    assert medians == sorted(medians, reverse=True), medians
     groups = frequency_groups(TASK1_TRAIN_COUNTS, TASK1_TRAIN_IMAGES)
-    head = [_energy(f) for f, g in groups.items() if g == "head" and f != "Normal"]
-    tail = [_energy(f) for f, g in groups.items() if g == "tail" and f != "Kyphosis"]
-    assert np.median(head) > 3 * np.median(tail), (np.median(head), np.median(tail))
+    medium = np.median([signals[f] for f, g in groups.items() if g == "medium"])
+    rare_obvious = ["Pneumoperitoneum", "Hydropneumothorax", "Subcutaneous Emphysema", "Kyphosis"]
+    for finding in rare_obvious:
+        assert groups[finding] == "tail" and GRADES[finding] == "obvious"
+        assert signals[finding] > medium, (finding, signals[finding], medium)
+    for finding in ("Pulmonary Embolism", "Infarction", "Rib Fracture"):
+        assert signals[finding] < medium, (finding, signals[finding], medium)
 
 
 def test_mass_is_larger_than_nodule():

@@ -78,6 +78,7 @@ class SynthConfig:
     min_positives: Mapping[str, int] = field(
         default_factory=lambda: {"train": 10, "dev": 4, "test": 6}
     )
+    prevalence_floor: float = 0.0
     missing_view_fraction: float = 0.04
     invisible_fraction: float = 0.05
     workers: int = 2
@@ -101,8 +102,13 @@ def _unique_ints(rng: np.random.Generator, n: int, low: int, high: int) -> np.nd
     return np.sort(rng.choice(np.arange(low, high), size=n, replace=False))
 
 
-def _sample_study_labels(rng: np.random.Generator, n: int) -> np.ndarray:
-    """(n, 40 + 5) 0/1 labels: Task 1 classes then Task 3 classes."""
+def _sample_study_labels(rng: np.random.Generator, n: int, floor: float = 0.0) -> np.ndarray:
+    """(n, 40 + 5) 0/1 labels: Task 1 classes then Task 3 classes.
+
+    `floor` raises every finding's prevalence to at least that value: the real rarest classes
+    (126 of 258,871 training images) would have no positive at all in a dataset of thousands.
+    Below 1 %, a floor keeps them in the tail group while giving each tens of positives.
+    """
     classes = list(TASK1_CLASSES) + list(TASK3_CLASSES)
     col = {c: i for i, c in enumerate(classes)}
     p_normal = TASK1_TRAIN_COUNTS["Normal"] / TASK1_TRAIN_IMAGES
@@ -110,6 +116,8 @@ def _sample_study_labels(rng: np.random.Generator, n: int) -> np.ndarray:
         [TASK1_TRAIN_COUNTS[c] / TASK1_TRAIN_IMAGES for c in TASK1_CLASSES]
         + [TASK3_PREVALENCE[c] for c in TASK3_CLASSES]
     )
+    findings_only = np.array([c not in ("Normal",) for c in classes])
+    prev = np.where(findings_only, np.maximum(prev, floor), prev)
     # Findings are drawn for the non-Normal studies only, so scale them up to keep marginals.
     prev_findings = np.clip(prev / (1.0 - p_normal), 0.0, 0.95)
     y = (rng.random((n, len(classes))) < prev_findings).astype(np.int8)
@@ -167,7 +175,7 @@ def make_metadata(cfg: SynthConfig) -> pd.DataFrame:
     k = np.array(list(VIEWS_PER_STUDY))
     pk = np.array(list(VIEWS_PER_STUDY.values()))
     n_views = rng.choice(k, size=total_studies, p=pk / pk.sum())
-    y_study = _sample_study_labels(rng, total_studies)
+    y_study = _sample_study_labels(rng, total_studies, cfg.prevalence_floor)
     _enforce_floor(rng, y_study, n_views, study_split, cfg.min_positives)
 
     rows = []

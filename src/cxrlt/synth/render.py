@@ -28,10 +28,11 @@ differs only where that finding draws. Coordinates are normalised: ``x`` in [0, 
 image's left (the patient's right on a frontal view) and ``y`` in [0, 1] from the top. On the
 lateral view the patient faces left: anterior is the image's left.
 
-Difficulty: contrast and size ranges live in each finding's function (head classes bold and
-large, tail classes faint and small). `findings.CONSPICUITY` scales a finding's strength
-without code changes: 1.0 as designed, 0 draws nothing, 0.5 half the contrast (geometry
-changes such as heart size are interpolated). Each view of a study is rendered independently,
+Difficulty follows radiology, not frequency: each finding has a conspicuity grade
+(`findings.GRADES`: obvious, clear, moderate, subtle) and a gain (`findings.CONSPICUITY`)
+calibrated so its signal at the training resolution matches the grade. The gain scales a
+finding's strength without code changes: 1.0 as drawn, 0 draws nothing, 0.5 half the
+contrast (geometry changes such as heart size are interpolated). Each view of a study is rendered independently,
 so a finding may take a different instance (side, place) on the frontal and the lateral image.
 """
 
@@ -44,7 +45,7 @@ from collections.abc import Collection
 import numpy as np
 from PIL import Image
 
-from cxrlt.synth.anatomy import Anatomy, _frontal_geo, _Geo, _lateral_geo
+from cxrlt.synth.anatomy import Anatomy, _frontal_geo, _Geo, _lateral_geo, sample_anatomy
 from cxrlt.synth.base import _base_frontal, _base_lateral
 from cxrlt.synth.canvas import _bank, _blur3, _Ctx
 from cxrlt.synth.findings import ADJUST, CONSPICUITY, DRAW, FINDINGS
@@ -179,3 +180,24 @@ def render(
             c.rng, c.gain = own[n], float(CONSPICUITY.get(n, 1.0))
             DRAW[n](c)
     return _finish(c, anatomy, post)
+
+
+def sign_signal(finding: str, n: int = 8, size: int = 128, render_size: int = 256) -> float:
+    """How visible a finding is at a training resolution: the L2 norm (grey levels) of the
+    image with minus the image without it, both downsampled to `size` px, median over `n`
+    anatomies (one view in four lateral; Kyphosis on laterals, where it shows)."""
+    values = []
+    for k in range(n):
+        view = "lateral" if (k % 4 == 3 or finding == "Kyphosis") else "frontal"
+        anatomy = sample_anatomy(np.random.default_rng(1000 + k))
+        pair = [
+            render(f, view, anatomy, np.random.default_rng(k), render_size, render_size)
+            for f in ([], [finding])
+        ]
+        small = [
+            np.asarray(Image.fromarray(a).resize((size, size), Image.Resampling.BILINEAR),
+                       dtype=np.float32)
+            for a in pair
+        ]  # fmt: skip
+        values.append(float(np.sqrt(((small[1] - small[0]) ** 2).sum())))
+    return float(np.median(values))

@@ -40,9 +40,50 @@ LATERAL_VISIBLE: frozenset[str] = frozenset({
     "Osteopenia",
 })  # fmt: skip
 
-# Strength multiplier per finding (1.0 = as designed, 0 = invisible); lower it to make a class
-# harder. Read at render time, so it can be changed between calls.
-CONSPICUITY: dict[str, float] = {name: 1.0 for name in FINDINGS}
+# How visible each finding is on a radiograph. Radiology decides, not frequency: free air
+# under the diaphragm, a hydropneumothorax's fluid level, an azygos fissure or a displaced
+# clavicle are rare and obvious; a pulmonary embolism, an infarct or an acute rib fracture
+# are subtle, as in life. Each grade has a target signal at the demo's training resolution
+# (`bench/bench_conspicuity.py` measures it: the L2 norm of the image with minus without the
+# finding, both downsampled to 128 px, median over anatomies and views).
+GRADES: dict[str, str] = {
+    **dict.fromkeys((
+        "Cardiomegaly", "Cardiomyopathy", "Consolidation", "Edema", "Emphysema",
+        "Enlarged Cardiomediastinum", "Hydropneumothorax", "Kyphosis", "Lobar Atelectasis",
+        "Mass", "Pleural Effusion", "Pneumoperitoneum", "Scoliosis", "Subcutaneous Emphysema",
+    ), "obvious"),
+    **dict.fromkeys((
+        "Adenopathy", "Atelectasis", "Azygos Lobe", "Bulla", "Fibrosis",
+        "Hernia", "Hilum", "Lung Opacity", "Pneumonia", "Pneumothorax",
+        "Pulmonary Hypertension", "Support Devices", "Tortuous Aorta", "Tuberculosis",
+    ), "clear"),
+    **dict.fromkeys((
+        "Calcification of the Aorta", "Clavicle Fracture", "Fissure", "Fracture", "Granuloma",
+        "Infiltration",
+        "Lung Lesion", "Nodule", "Osteopenia", "Pleural Other", "Pleural Thickening",
+        "Pneumomediastinum", "Round(ed) Atelectasis",
+    ), "moderate"),
+    **dict.fromkeys(("Infarction", "Pulmonary Embolism", "Rib Fracture"), "subtle"),
+    "Normal": "none",
+}  # fmt: skip
+# Signal (see above) each grade aims at; a sign drawn stronger than its grade's target by
+# design is left as it is.
+GRADE_SIGNAL: dict[str, float] = {"obvious": 1000.0, "clear": 600.0, "moderate": 350.0,
+                                  "subtle": 100.0, "none": 0.0}  # fmt: skip
+
+# Strength multiplier per finding (contrast, and size or displacement where the drawing
+# scales them; 0 = invisible): the gains that bring each sign to its grade's signal,
+# calibrated with `bench/bench_conspicuity.py`. Read at render time, so it can be changed
+# between calls (a test or a probe of "what if this finding were fainter").
+CONSPICUITY: dict[str, float] = {
+    **{name: 1.0 for name in FINDINGS},
+    "Adenopathy": 1.5, "Bulla": 3.0, "Azygos Lobe": 2.0, "Calcification of the Aorta": 5.0, "Fibrosis": 1.8,
+    "Fissure": 4.0, "Fracture": 3.0, "Granuloma": 3.0, "Hernia": 2.2, "Hilum": 1.5,
+    "Hydropneumothorax": 1.5, "Lobar Atelectasis": 3.0, "Lung Lesion": 1.4, "Mass": 2.3,
+    "Nodule": 2.5, "Pleural Other": 3.0, "Pleural Thickening": 3.0, "Pneumomediastinum": 3.0,
+    "Pneumoperitoneum": 4.0, "Pneumothorax": 2.5, "Pulmonary Hypertension": 1.5, "Rib Fracture": 2.0,
+    "Round(ed) Atelectasis": 2.0, "Subcutaneous Emphysema": 5.5, "Support Devices": 1.6, "Tuberculosis": 2.5,
+}  # fmt: skip
 
 
 Adjust = Callable[[_Geo, np.random.Generator], None]  # changes the geometry in place

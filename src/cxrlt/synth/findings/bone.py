@@ -99,12 +99,12 @@ def fracture_geo(g: _Geo, rng: np.random.Generator) -> None:
 
 
 def clavicle_fracture_geo(g: _Geo, rng: np.random.Generator) -> None:
-    """Mid-shaft clavicle break with a small gap and step-off (frontal only)."""
+    """Mid-shaft clavicle break, usually displaced: a gap and a step-off (frontal only)."""
     if g.view == "frontal":
         g.clav_side = -1 if rng.uniform() < 0.5 else 1
         g.clav_t = rng.uniform(0.35, 0.7)
-        g.clav_gap = rng.uniform(0.006, 0.012)
-        g.clav_step = rng.uniform(0.006, 0.014) * rng.choice([-1, 1])
+        g.clav_gap = rng.uniform(0.02, 0.035)
+        g.clav_step = rng.uniform(0.025, 0.045) * rng.choice([-1, 1])
 
 
 def osteopenia_geo(g: _Geo, rng: np.random.Generator) -> None:

@@ -349,7 +349,7 @@ def fissure(c: _Ctx) -> None:
 
 
 def azygos_lobe(c: _Ctx) -> None:
-    """Thin curved azygos fissure from the right apex down to a tear-drop 'azygos knot'."""
+    """Curved azygos fissure from the right apex down to a tear-drop 'azygos knot'."""
     if c.lateral:
         return
     g = c.geo
@@ -359,8 +359,9 @@ def azygos_lobe(c: _Ctx) -> None:
     t = np.linspace(0, 1, 10)
     xs = x_top + (x_bot - x_top) * t - c.u(0.01, 0.025) * np.sin(np.pi * t)
     ys = y_top + (y_bot - y_top) * t
-    _polyline(c, c.occ, np.stack([xs, ys], 1), c.u(0.003, 0.005), amp, blur=0.001)
-    _ellipse(c, c.occ, x_bot, y_bot, 0.009, 0.014, amp * 1.3, edge=0.4, dome=0.8)
+    # drawn wide enough to survive downsampling: the fissure is four pleural layers thick
+    _polyline(c, c.occ, np.stack([xs, ys], 1), c.u(0.011, 0.015), amp, blur=0.002)
+    _ellipse(c, c.occ, x_bot, y_bot, 0.018, 0.026, amp * 1.3, edge=0.4, dome=0.8)
 
 
 def _wedge(c: _Ctx, side: int, amp: float, size: float, sharp: float) -> tuple[float, float]:
