@@ -276,3 +276,33 @@ def test_cli_outside_a_dvc_repository_is_one_error_line(tmp_path, capsys):
     assert main(["compare", "--repo", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: `dvc exp show --json` failed")
+
+
+def test_a_named_experiment_on_an_earlier_baseline_is_found(monkeypatch, tmp_path):
+    """After HEAD moves on (a README commit), `dvc exp show` lists only HEAD's experiments;
+    a name not found there is looked up across all commits (`dvc exp show -A`)."""
+    import cxrlt.compare as C
+
+    def data(rev: str, seed: int) -> dict:
+        return {"rev": rev, "params": {"params.yaml": {"data": {
+                    "seed": seed, "loss": "bce", "predict": {"out": "p.parquet"}}}},
+                "outs": {"p.parquet": {"hash": f"h{rev}"}}}  # fmt: skip
+
+    head = {"rev": "a" * 40, "name": "main", "data": data("a" * 40, 0), "error": None}
+    old = {"rev": "e" * 40, "name": None, "data": data("e" * 40, 0), "error": None,
+           "experiments": [{"name": "bce-s1", "executor": None, "revs": [
+               {"rev": "f" * 40, "name": "bce-s1", "data": data("f" * 40, 1)}]}]}  # fmt: skip
+    calls = []
+
+    def exp_show(repo, all_commits=False):  # the JSON `dvc exp show [-A] --json` prints
+        calls.append(all_commits)
+        return [head, old] if all_commits else [head]
+
+    monkeypatch.setattr(C, "_exp_show", exp_show)
+    _, _, runs = C.find_runs(tmp_path, ["main", "bce-s1"])
+    assert [(r.name, r.seed) for r in runs] == [("main", 0), ("bce-s1", 1)]
+    assert calls == [False, True]
+    _, _, runs = C.find_runs(tmp_path, ["main"])
+    assert calls == [False, True, False]  # found at HEAD: no -A listing
+    with pytest.raises(DataError, match="no experiment named 'nope'"):
+        C.find_runs(tmp_path, ["nope"])

@@ -45,6 +45,7 @@ __all__ = [
     "PairedBootstrap",
     "paired_bootstrap",
     "paired_difference",
+    "find_runs",
     "list_runs",
     "compare",
     "format_table",
@@ -258,8 +259,8 @@ def _workspace_run(rows: Sequence[Mapping[str, Any]]) -> Run | None:
     return None if run is None else Run("workspace", None, run.params, run.outs)
 
 
-def _exp_show(repo: str | Path) -> list[dict[str, Any]]:
-    cmd = [sys.executable, "-m", "dvc", "exp", "show", "--json"]
+def _exp_show(repo: str | Path, all_commits: bool = False) -> list[dict[str, Any]]:
+    cmd = [sys.executable, "-m", "dvc", "exp", "show", "--json", *(["-A"] if all_commits else [])]
     res = subprocess.run(cmd, cwd=repo, capture_output=True, text=True)
     if res.returncode != 0:
         last = (res.stderr.strip().splitlines() or ["no output"])[-1]
@@ -270,10 +271,28 @@ def _exp_show(repo: str | Path) -> list[dict[str, Any]]:
         raise DataError(f"`dvc exp show --json` in {repo} printed no JSON ({err})") from None
 
 
-def list_runs(repo: str | Path = ".") -> tuple[list[Run], Run | None]:
-    """The finished runs `dvc exp show` lists, and the workspace (selectable by name)."""
-    rows = _exp_show(repo)
+def list_runs(repo: str | Path = ".", all_commits: bool = False) -> tuple[list[Run], Run | None]:
+    """The finished runs `dvc exp show` lists (with `all_commits`, the experiments of every
+    commit, as `dvc exp show -A`), and the workspace (selectable by name)."""
+    rows = _exp_show(repo, all_commits)
     return parse_exp_show(rows), _workspace_run(rows)
+
+
+def find_runs(
+    repo: str | Path, names: Sequence[str]
+) -> tuple[list[Run], Run | None, list[Run]]:
+    """All runs `dvc exp show` lists, the workspace, and those named (all when none are).
+
+    A name not found among HEAD's experiments is looked up across every commit
+    (`dvc exp show -A`): experiments stay attached to the commit they were run on, so after
+    HEAD moves on (a README commit) they are no longer in the default listing.
+    """
+    all_runs, workspace = list_runs(repo)
+    try:
+        return all_runs, workspace, select_runs(all_runs, names, workspace)
+    except DataError:
+        all_runs, workspace = list_runs(repo, all_commits=True)
+        return all_runs, workspace, select_runs(all_runs, names, workspace)
 
 
 def select_runs(
@@ -535,11 +554,10 @@ def compare(
         raise DataError(
             f"unknown interval method {method!r}; choose from {', '.join(M.CI_METHODS)}"
         )
-    all_runs, workspace = list_runs(repo)
     wanted = list(names)
     if baseline is not None and names and baseline not in wanted:
         wanted.insert(0, baseline)
-    runs = select_runs(all_runs, wanted, workspace)
+    all_runs, workspace, runs = find_runs(repo, wanted)
     if baseline is not None:
         base = select_runs(all_runs, [baseline], workspace)[0]
         runs = [base, *[r for r in runs if r != base]]
