@@ -129,3 +129,19 @@ def test_prevalence_floor_lifts_the_rarest_findings_but_keeps_them_in_the_tail()
     assert floored[rare] < 0.01  # still a tail class (< 1 %)
     head = classes.index("Cardiomegaly")
     assert abs(floored[head] - plain[head]) < 0.01  # frequent classes untouched
+
+
+def test_severity_is_shared_by_the_views_of_a_study_and_varies_between_studies():
+    from cxrlt.synth.mimic import SEVERITY_RANGE, study_severity
+
+    cfg = SynthConfig(n_patients=60, seed=3)
+    meta = make_metadata(cfg)
+    sev = study_severity(meta, cfg)
+    assert sev.shape == (len(meta), len(TASK1_CLASSES) + len(TASK3_CLASSES))
+    assert SEVERITY_RANGE[0] <= sev.min() and sev.max() <= SEVERITY_RANGE[1]
+    per_study = pd.DataFrame(sev).groupby(meta["study_id"].to_numpy()).nunique()
+    assert (per_study == 1).all().all()  # every view of a study: one value per finding
+    assert np.unique(sev[:, 0]).size > 10  # different studies: different strengths
+    assert np.array_equal(sev, study_severity(meta, cfg))  # deterministic
+    flat = study_severity(meta, SynthConfig(n_patients=60, seed=3, severity_sd=0.0))
+    assert np.all(flat == 1.0)

@@ -288,3 +288,25 @@ def test_conspicuity_scales_a_finding(monkeypatch, finding):
     full = _energy(finding, seeds=[0])
     monkeypatch.setitem(CONSPICUITY, finding, 0.5)
     assert 0 < _energy(finding, seeds=[0]) < full
+
+
+def test_severity_scales_one_finding_and_leaves_the_others():
+    """Severity 1 is the typical case (same bytes as no severity); a florid case differs more
+    from the finding-free image than a faint one; 0 switches the finding off."""
+    an, view = _anatomy(0), "frontal"
+
+    def img(sev):
+        return render(["Mass", "Pneumothorax"], view, an, np.random.default_rng(0), SIZE, SIZE, sev)
+
+    ref = img(None).astype(np.int32)
+    assert np.array_equal(img({"Mass": 1.0}), ref)
+    without = render(["Pneumothorax"], view, an, np.random.default_rng(0), SIZE, SIZE).astype(np.int32)
+    faint, florid = (np.abs(img({"Mass": s}).astype(np.int32) - without).sum() for s in (0.5, 2.0))
+    assert 0 < faint < np.abs(ref - without).sum() < florid
+    assert np.array_equal(img({"Mass": 0.0}), without)
+
+
+@pytest.mark.parametrize("bad", [{"Mass": -1.0}, {"Mass": float("nan")}, {"Mass": float("inf")}])
+def test_invalid_severity_is_refused(bad):
+    with pytest.raises(ValueError, match="severity"):
+        render(["Mass"], "frontal", _anatomy(0), np.random.default_rng(0), 64, 64, bad)

@@ -81,6 +81,7 @@ class SynthConfig:
     prevalence_floor: float = 0.0
     missing_view_fraction: float = 0.04
     invisible_fraction: float = 0.05
+    severity_sd: float = 0.35
     workers: int = 2
 
     @classmethod
@@ -226,10 +227,24 @@ def _pick(rng: np.random.Generator, table: tuple) -> tuple[str, str]:
     return code, meaning
 
 
+SEVERITY_RANGE = (0.5, 2.0)
+
+
+def study_severity(meta: pd.DataFrame, cfg: SynthConfig) -> np.ndarray:
+    """(images, 45) strength of each finding per image, shared by the views of a study:
+    log-normal around the typical case (sd `cfg.severity_sd` in log units), clipped to
+    SEVERITY_RANGE, so every finding has florid and faint cases."""
+    n_classes = len(TASK1_CLASSES) + len(TASK3_CLASSES)
+    studies, inverse = np.unique(meta["study_id"].to_numpy(), return_inverse=True)
+    rng = np.random.default_rng([cfg.seed, 2])
+    per_study = np.exp(rng.normal(0.0, cfg.severity_sd, size=(len(studies), n_classes)))
+    return np.clip(per_study, *SEVERITY_RANGE)[inverse]
+
+
 def _render_one(args: tuple) -> None:
-    path, findings, view, patient_seed, image_seed, height, width, quality = args
+    path, findings, severity, view, patient_seed, image_seed, height, width, quality = args
     anatomy = sample_anatomy(np.random.default_rng(patient_seed))
-    img = render(findings, view, anatomy, np.random.default_rng(image_seed), height, width)
+    img = render(findings, view, anatomy, np.random.default_rng(image_seed), height, width, severity)
     with atomic_path(path, suffix=".jpg") as tmp:
         Image.fromarray(img).save(tmp, format="JPEG", quality=quality)
 
@@ -241,10 +256,12 @@ def render_images(meta: pd.DataFrame, images_root: Path, cfg: SynthConfig) -> No
     rng = np.random.default_rng([cfg.seed, 1])
     # Report-derived labels are noisy: a few positives are not visible on a given image.
     visible = rng.random(y.shape) >= cfg.invisible_fraction
+    severity = study_severity(meta, cfg)
     jobs = []
     for i, row in enumerate(meta.itertuples(index=False)):
         findings = [c for c, on in zip(all_classes, y[i] & visible[i], strict=True) if on]
-        jobs.append((images_root / row.fpath, findings, row.drawn_view, row.patient_seed,
+        sev = {c: round(float(severity[i, all_classes.index(c)]), 4) for c in findings}
+        jobs.append((images_root / row.fpath, findings, sev, row.drawn_view, row.patient_seed,
                      row.image_seed, cfg.height, row.width, cfg.jpeg_quality))
     if cfg.workers > 1:
         with ProcessPoolExecutor(cfg.workers) as pool:

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 
 import numpy as np
 from PIL import Image
@@ -153,13 +153,25 @@ def render(
     rng: np.random.Generator,
     height: int,
     width: int,
+    severity: Mapping[str, float] | None = None,
 ) -> np.ndarray:
     """Render one radiograph (uint8, height x width) showing the given findings.
 
-    The caller's rng is advanced by exactly one draw; the image depends only on that value
-    and the arguments (not on the order of `findings`), so equal inputs give equal bytes.
+    `severity` scales a finding's strength on top of its conspicuity (1 = the grade's typical
+    case): the same finding is florid in one patient and faint in another, and the views of
+    one study share it. The caller's rng is advanced by exactly one draw; the image depends
+    only on that value and the arguments (not on the order of `findings`), so equal inputs
+    give equal bytes.
     """
     names = _check(findings, view, height, width)
+    sev = dict(severity or {})
+    bad = {k: v for k, v in sev.items() if not (math.isfinite(v) and v >= 0)}
+    if bad:
+        raise ValueError(f"severity must be finite and >= 0, got {bad}")
+
+    def gain(n: str) -> float:
+        return float(CONSPICUITY.get(n, 1.0)) * float(sev.get(n, 1.0))
+
     seed = int(rng.integers(0, 2**63 - 1))
     base = np.random.default_rng([seed, 0])
     post = np.random.default_rng([seed, 1])
@@ -167,7 +179,7 @@ def render(
     geo = _frontal_geo(anatomy, base) if view == "frontal" else _lateral_geo(anatomy, base)
     for n in names:
         if n in ADJUST:
-            _adjust(n, geo, own[n], float(CONSPICUITY.get(n, 1.0)))
+            _adjust(n, geo, own[n], gain(n))
     h, w = int(height), int(width)
 
     def layer() -> np.ndarray:
@@ -177,7 +189,7 @@ def render(
     (_base_frontal if view == "frontal" else _base_lateral)(c, base)
     for n in names:
         if n in DRAW:
-            c.rng, c.gain = own[n], float(CONSPICUITY.get(n, 1.0))
+            c.rng, c.gain = own[n], gain(n)
             DRAW[n](c)
     return _finish(c, anatomy, post)
 

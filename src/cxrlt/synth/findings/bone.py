@@ -103,8 +103,8 @@ def clavicle_fracture_geo(g: _Geo, rng: np.random.Generator) -> None:
     if g.view == "frontal":
         g.clav_side = -1 if rng.uniform() < 0.5 else 1
         g.clav_t = rng.uniform(0.35, 0.7)
-        g.clav_gap = rng.uniform(0.02, 0.035)
-        g.clav_step = rng.uniform(0.025, 0.045) * rng.choice([-1, 1])
+        g.clav_gap = rng.uniform(0.03, 0.05)
+        g.clav_step = rng.uniform(0.04, 0.065) * rng.choice([-1, 1])
 
 
 def osteopenia_geo(g: _Geo, rng: np.random.Generator) -> None:
@@ -123,5 +123,5 @@ def scoliosis_geo(g: _Geo, rng: np.random.Generator) -> None:
 def kyphosis_geo(g: _Geo, rng: np.random.Generator) -> None:
     """Lateral only: exaggerated posterior convexity of the thoracic spine, wedged bodies."""
     if g.view == "lateral":
-        g.kyph += rng.uniform(0.03, 0.055)
+        g.kyph += rng.uniform(0.045, 0.075)
         g.wedge = rng.uniform(0.15, 0.3)

@@ -158,8 +158,8 @@ def hernia(c: _Ctx) -> None:
         x, y = hx + hrx * 0.95, g.dia_top - c.u(0.03, 0.06)
     else:
         x, y = g.cx + c.u(0.0, 0.05), g.dia_l - c.u(0.04, 0.08)
-    r = c.u(0.03, 0.055)
-    amp = c.u(0.12, 0.2) * c.gain
+    r = c.u(0.04, 0.065)
+    amp = c.u(0.14, 0.22) * c.gain
     level = y + c.u(-0.2, 0.4) * r
     win = _win(c, x - r, x + r, y - r, y + r)
     if win is None:

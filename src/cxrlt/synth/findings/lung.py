@@ -198,7 +198,7 @@ def atelectasis_geo(g: _Geo, rng: np.random.Generator) -> None:
 def lobar_atelectasis(c: _Ctx) -> None:
     """Dense triangular collapse against a fissure: RUL apex, RML heart border, LLL 'sail'."""
     g = c.geo
-    amp = c.u(0.3, 0.5) * c.gain
+    amp = c.u(0.45, 0.7) * c.gain
     if c.lateral:
         hx, hy = g.hila[0]
         pts = np.array(
@@ -243,8 +243,8 @@ def rounded_atelectasis(c: _Ctx) -> None:
     g = c.geo
     side = c.side()
     x, y = _lung_xy(c, side, c.u(0.62, 0.85), 0.9)
-    r = c.u(0.018, 0.028)
-    amp = c.u(0.35, 0.55) * c.gain
+    r = c.u(0.026, 0.04)
+    amp = c.u(0.4, 0.6) * c.gain
     _blob(c, c.occ, x, y, r, amp, lobes=0.05, blur=0.25, dome=0.5)
     hx, hy = g.hila[0 if side < 0 or c.lateral else 1]
     for k in (-1, 1):
@@ -259,7 +259,7 @@ def rounded_atelectasis(c: _Ctx) -> None:
 def fibrosis(c: _Ctx) -> None:
     """Reticular (net-like) lines in the lower, peripheral lung zones, bilateral."""
     g = c.geo
-    amp = c.u(0.3, 0.5) * c.gain
+    amp = c.u(0.4, 0.6) * c.gain
     if c.lateral:
         lx, ly, lrx, lry = g.lung_box
         _ellipse(

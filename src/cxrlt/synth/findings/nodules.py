@@ -31,7 +31,7 @@ def mass(c: _Ctx) -> None:
         c.occ,
         x,
         y,
-        c.u(0.04, 0.07),
+        c.u(0.05, 0.085),
         c.u(0.6, 0.9) * c.gain,
         lobes=c.u(0.05, 0.18),
         blur=c.u(0.08, 0.25),

@@ -107,7 +107,7 @@ def pleural_other(c: _Ctx) -> None:
         return
     side = c.side()
     z0 = c.u(0.3, 0.75)
-    _wall_band(c, side, z0, z0 + c.u(0.08, 0.14), 0.004, amp, 0.002, bulge=c.u(0.008, 0.014))
+    _wall_band(c, side, z0, z0 + c.u(0.1, 0.18), 0.005, amp, 0.002, bulge=c.u(0.012, 0.022))
     if c.u(0, 1) < 0.5:
         x, y = _lung_xy(c, side, z0 + 0.05, 0.98)
         _polyline(
@@ -144,7 +144,7 @@ def _draw_ptx(c: _Ctx, side: int, depth: float, z_end: float, amp: float) -> _Wi
 def pneumothorax(c: _Ctx) -> None:
     """Visceral pleural line at the apex and lateral wall, lucent space beyond it."""
     if not c.lateral:
-        _draw_ptx(c, c.side(), c.u(0.025, 0.075), c.u(0.45, 0.9), c.u(0.8, 1.2) * c.gain)
+        _draw_ptx(c, c.side(), c.u(0.03, 0.1), c.u(0.5, 0.95), c.u(0.8, 1.2) * c.gain)
 
 
 def hydropneumothorax(c: _Ctx) -> None:
@@ -161,7 +161,7 @@ def hydropneumothorax(c: _Ctx) -> None:
         return
     side = c.side()
     level = g.apex + c.u(0.75, 0.9) * (_dia_side(g, side) - g.apex)
-    win = _draw_ptx(c, side, c.u(0.02, 0.04), 1.0, 0.7 * c.gain)
+    win = _draw_ptx(c, side, c.u(0.03, 0.06), 1.0, 0.7 * c.gain)
     if win is None:
         return
     rs, cs, X, Y = win
@@ -186,7 +186,7 @@ def pneumomediastinum(c: _Ctx) -> None:
     th = np.linspace(-1.3, 0.3, 10)
     off = c.u(0.006, 0.012)
     pts = np.stack([hx + (hrx + off) * np.cos(th) * 0.95, hy + (hry + off) * np.sin(th)], 1)
-    _polyline(c, c.dens, pts, 0.007, -amp, blur=0.002)
+    _polyline(c, c.dens, pts, 0.011, -amp, blur=0.002)
     _polyline(
         c,
         c.dens,
@@ -223,7 +223,7 @@ def pneumoperitoneum(c: _Ctx) -> None:
     for side in [-1] if c.u(0, 1) < 0.65 else [-1, 1]:
         us = np.linspace(c.u(0.15, 0.3), c.u(0.75, 0.95), 14)
         xs = g.cx + side * us * g.W
-        thick = c.u(0.007, 0.016) * np.sin(np.linspace(0, np.pi, 14)) + 0.002
+        thick = c.u(0.016, 0.03) * np.sin(np.linspace(0, np.pi, 14)) + 0.003
         top = _dia(g, xs) + 0.008
         pts = np.concatenate([np.stack([xs, top], 1), np.stack([xs, top + thick], 1)[::-1]])
         _polygon(c, c.dens, pts, -amp, blur=0.002)
@@ -233,7 +233,7 @@ def subcutaneous_emphysema(c: _Ctx) -> None:
     """Lucent streaks and bubbles in the chest-wall soft tissue (and neck)."""
     g = c.geo
     amp = c.u(0.12, 0.22) * c.gain
-    n = int(c.rng.integers(6, 14))
+    n = int(c.rng.integers(12, 24))
     if c.lateral:
         streaks = []
         for _ in range(n):
@@ -248,7 +248,7 @@ def subcutaneous_emphysema(c: _Ctx) -> None:
         for _ in range(n):
             y = c.u(g.apex - 0.05, g.dia_r)
             x = g.cx + side * (g.W + c.u(0.005, g.body_w - g.W))
-            length, ang = c.u(0.02, 0.06), c.u(-0.5, 0.5) + math.pi / 2
+            length, ang = c.u(0.03, 0.08), c.u(-0.5, 0.5) + math.pi / 2
             pts = [
                 (x, y),
                 (x + 0.5 * length * math.cos(ang), y + length * math.sin(ang)),
