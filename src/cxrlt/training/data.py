@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import lightning as L
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from cxrlt.data.cache import ImageCache
 from cxrlt.data.manifest import label_matrix
@@ -48,16 +49,43 @@ def make_loader(
     num_workers: int,
     seed: int,
     drop_last: bool = False,
+    sampler: Sampler | None = None,
 ) -> DataLoader:
     g = torch.Generator()
     g.manual_seed(seed)
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        shuffle=shuffle if sampler is None else False,
+        sampler=sampler,
         num_workers=num_workers,
         generator=g,
         drop_last=drop_last,
         persistent_workers=num_workers > 0,
         pin_memory=torch.cuda.is_available(),
     )
+
+
+class Loaders(L.LightningDataModule):
+    """Train and val loaders, built when Lightning asks for them (after the DDP process group
+    exists): the train sampler shards itself per rank; val is split over ranks without
+    shuffling (the module counts each image once after gathering)."""
+
+    def __init__(
+        self, train: Dataset, val: Dataset, sampler: Sampler, batch_size: int,
+        eval_batch_size: int, num_workers: int, seed: int,
+    ):  # fmt: skip
+        super().__init__()
+        self.train, self.val, self.sampler = train, val, sampler
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.num_workers, self.seed = num_workers, seed
+
+    def train_dataloader(self) -> DataLoader:
+        return make_loader(self.train, self.batch_size, False, self.num_workers, self.seed,
+                           drop_last=True, sampler=self.sampler)  # fmt: skip
+
+    def val_dataloader(self) -> DataLoader:
+        dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+        sampler = DistributedSampler(self.val, shuffle=False) if dist else None
+        return make_loader(self.val, self.eval_batch_size, False, self.num_workers, self.seed,
+                           sampler=sampler)  # fmt: skip
