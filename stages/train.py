@@ -12,7 +12,8 @@ def main() -> None:
     manifest = read_parquet(params["data"]["manifest"], "data.manifest", "prepare")
     t = params["train"]
     info = fit(manifest, classes, params["cache"]["dir"], params, t["checkpoint"], live_dir=t["live_dir"])
-    print(f"train: best val mAP {info['val_mAP']:.4f} -> {t['checkpoint']}")
+    print(f"train: sampler {info['sampler']} ({info['epoch_length']} images per epoch), "
+          f"best val mAP {info['val_mAP']:.4f} at epoch {info['best_epoch'] + 1} -> {t['checkpoint']}")
 
 
 if __name__ == "__main__":

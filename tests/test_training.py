@@ -170,3 +170,35 @@ def test_ddp_ranks_end_with_the_best_epochs_weights_and_rank_0_saves_them(ddp_ru
     assert saved["best_epoch"] == int(np.argmax(history)) == ranks[1]["best_epoch"]
     assert saved["val_mAP"] == max(history) == ranks[1]["val_mAP"]
     assert not list(out.glob("**/*.ckpt"))  # nothing written for the selection
+
+
+def test_ema_and_deferred_reweighting_train_and_the_saved_model_is_the_ema(prepared, tmp_path: Path):
+    from cxrlt.training.fit import train_model
+
+    df, cache_dir = prepared
+    params = _params("wbce")
+    params["train"].update({"epochs": 2, "drw_epoch": 1, "ema_decay": 0.5})
+    trained = train_model(df, CLASSES, cache_dir, params)
+    module = trained.module
+    assert trained.info["drw_epoch"] == 1 and trained.info["ema_decay"] == 0.5
+    assert module.criterion.weighting  # switched on at epoch 1 (0-based)
+    for (name, a), b in zip(module.model.state_dict().items(), module.ema.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize(
+    ("update", "message"),
+    [
+        ({"drw_epoch": 1}, "has none"),  # bce has no class weights to defer
+        ({"drw_epoch": -1}, "drw_epoch must be null or an epoch number"),
+        ({"ema_decay": 1.0}, "ema_decay must be 0"),
+    ],
+)
+def test_bad_schedules_are_one_line_errors(prepared, tmp_path: Path, update, message):
+    from cxrlt.errors import DataError
+
+    df, cache_dir = prepared
+    params = _params()
+    params["train"].update(update)
+    with pytest.raises(DataError, match=message):
+        fit(df, CLASSES, cache_dir, params, tmp_path / "x.pt")

@@ -29,8 +29,9 @@ from cxrlt.errors import DataError
 from cxrlt.io import atomic_path
 from cxrlt.models import ModelConfig
 from cxrlt.training.augment import AugmentConfig
-from cxrlt.training.data import CachedImages, keep_cached, make_loader
+from cxrlt.training.data import CachedImages, Loaders, keep_cached
 from cxrlt.training.module import ImageClassifierModule, OptimConfig
+from cxrlt.training.samplers import build_sampler, check_sampler
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +129,10 @@ def train_model(
     """Train on split "train" and load the weights of the best val mAP epoch, on every rank."""
     tp = params["train"]
     seed = int(params.get("seed", 0))
+    sampler_name = str(params.get("sampler", "random"))
+    sampler_settings = (params.get("samplers") or {}).get(sampler_name) or {}
+    check_sampler(sampler_name, sampler_settings)  # a wrong name fails before data loads
+    drw_epoch, ema_decay = _schedules(tp)
     L.seed_everything(seed, workers=True)
     if int(tp.get("threads", 0)) > 0:
         torch.set_num_threads(int(tp["threads"]))
@@ -149,11 +154,20 @@ def train_model(
         optim=_sub(OptimConfig, tp.get("optim", {}), "train.optim"),
         augment=_sub(AugmentConfig, tp.get("augment", {}), "train.augment"),
         seed=seed,
+        counts=counts,
+        drw_epoch=drw_epoch,
+        ema_decay=ema_decay,
     )
     workers = int(tp.get("num_workers", 0))
     bs = int(tp["batch_size"])
-    train_loader = make_loader(CachedImages(cache, train_df, classes), bs, True, workers, seed, drop_last=True)
-    val_loader = make_loader(CachedImages(cache, val_df, classes), int(tp.get("eval_batch_size", bs)), False, workers, seed)
+    train_set = CachedImages(cache, train_df, classes)
+    sampler = build_sampler(
+        sampler_name, sampler_settings, train_set.targets, train_set.mask, classes, seed
+    )
+    loaders = Loaders(
+        train_set, CachedImages(cache, val_df, classes), sampler, bs,
+        int(tp.get("eval_batch_size", bs)), workers, seed,
+    )  # fmt: skip
 
     loggers: list[Any] = []
     if live_dir is not None:
@@ -177,9 +191,12 @@ def train_model(
         num_sanity_val_steps=0,
         limit_train_batches=tp.get("limit_train_batches", 1.0),
         enable_model_summary=False,
+        use_distributed_sampler=False,  # Loaders shard train (sampler) and val per rank
     )
-    trainer.fit(module, train_loader, val_loader)
+    trainer.fit(module, datamodule=loaders)
     module.load_state_dict(best.state)
+    if module.ema is not None:  # the selected epoch's EMA weights are the model
+        module.model.load_state_dict(module.ema.state_dict())
     info = {
         "classes": classes,
         "model": model_cfg.to_dict(),
@@ -188,9 +205,24 @@ def train_model(
         "val_mAP": best.best_score,
         "best_epoch": best.best_epoch,  # 0-based
         "loss": params["loss"],
+        "sampler": sampler_name,
+        "drw_epoch": drw_epoch,
+        "ema_decay": ema_decay,
+        "epoch_length": sampler.epoch_length,
         "seed": seed,
     }
     return Trained(module, info, int(trainer.global_rank), list(best.history))
+
+
+def _schedules(tp: Mapping[str, Any]) -> tuple[int | None, float]:
+    """train.drw_epoch (None or an epoch >= 0) and train.ema_decay (0 = off, else in (0, 1))."""
+    drw = tp.get("drw_epoch")
+    if drw is not None and (isinstance(drw, bool) or not isinstance(drw, int) or drw < 0):
+        raise DataError(f"params train.drw_epoch must be null or an epoch number >= 0, got {drw!r}")
+    ema = tp.get("ema_decay", 0.0) or 0.0
+    if isinstance(ema, bool) or not isinstance(ema, int | float) or not 0 <= ema < 1:
+        raise DataError(f"params train.ema_decay must be 0 (off) or in (0, 1), got {ema!r}")
+    return drw, float(ema)
 
 
 def _plain(value: Any, where: str) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -10,9 +11,28 @@ import lightning as L
 import numpy as np
 import torch
 
-from cxrlt.losses import build_loss
+from cxrlt.errors import DataError
+from cxrlt.losses import WeightedLoss, build_loss
 from cxrlt.models import ModelConfig, build_model
 from cxrlt.training.augment import AugmentConfig, augment_batch
+
+
+def ema_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A frozen copy of the model that `ema_update` moves towards the trained weights."""
+    ema = copy.deepcopy(model)
+    for p in ema.parameters():
+        p.requires_grad_(False)
+    return ema
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """ema = decay * ema + (1 - decay) * model for parameters; buffers (BatchNorm statistics)
+    are copied, as they are already running averages."""
+    for e, p in zip(ema.parameters(), model.parameters(), strict=True):
+        e.lerp_(p.detach(), 1.0 - decay)
+    for e, b in zip(ema.buffers(), model.buffers(), strict=True):
+        e.copy_(b)
 
 
 @dataclass(frozen=True)
@@ -34,11 +54,26 @@ class ImageClassifierModule(L.LightningModule):
         optim: OptimConfig,
         augment: AugmentConfig,
         seed: int = 0,
+        counts: np.ndarray | None = None,
+        drw_epoch: int | None = None,
+        ema_decay: float = 0.0,
     ):
         super().__init__()
         self.classes = list(classes)
         self.model = build_model(model_cfg, len(self.classes))
-        self.criterion = build_loss(loss, loss_settings, prevalence)
+        self.criterion = build_loss(loss, loss_settings, prevalence, counts)
+        if drw_epoch is not None and not (
+            isinstance(self.criterion, WeightedLoss) and self.criterion.has_weights
+        ):
+            raise DataError(
+                f"train.drw_epoch defers class weights, but loss {loss!r} (with these settings) "
+                f"has none; use wbce, asl or ral with class_weights, cb, db or ldam, "
+                f"or set train.drw_epoch: null"
+            )
+        self.drw_epoch = drw_epoch
+        # EMA of the weights: validation (so checkpoint selection) and the saved model use it.
+        self.ema = ema_copy(self.model) if ema_decay > 0 else None
+        self.ema_decay = float(ema_decay)
         self.optim, self.augment = optim, augment
         self.aug_gen = torch.Generator().manual_seed(seed)
         self._val_scores: list[torch.Tensor] = []
@@ -57,8 +92,16 @@ class ImageClassifierModule(L.LightningModule):
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(x))
         return loss
 
+    def on_train_epoch_start(self) -> None:
+        if self.drw_epoch is not None:  # deferred re-weighting: weights on from drw_epoch
+            self.criterion.weighting = self.current_epoch >= self.drw_epoch
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.ema is not None:
+            ema_update(self.ema, self.model, self.ema_decay)
+
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        logits = self.model(batch["image"])
+        logits = (self.ema if self.ema is not None else self.model)(batch["image"])
         loss = self.criterion(logits, batch["target"], batch["mask"])
         self.log("val/loss", loss, on_epoch=True, batch_size=len(logits), sync_dist=True)
         self._val_scores.append(torch.sigmoid(logits.float()))
