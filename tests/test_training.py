@@ -202,3 +202,25 @@ def test_bad_schedules_are_one_line_errors(prepared, tmp_path: Path, update, mes
     params["train"].update(update)
     with pytest.raises(DataError, match=message):
         fit(df, CLASSES, cache_dir, params, tmp_path / "x.pt")
+
+
+def test_lightning_tells_the_sampler_each_epoch(prepared, monkeypatch: pytest.MonkeyPatch):
+    """Without set_epoch every epoch would repeat the first epoch's order."""
+    from cxrlt.training import fit as fit_module
+
+    seen: list[int] = []
+    real = fit_module.build_sampler
+
+    def recording(*args, **kwargs):
+        sampler = real(*args, **kwargs)
+        original = sampler.set_epoch
+        sampler.set_epoch = lambda e: (seen.append(e), original(e))[1]
+        return sampler
+
+    monkeypatch.setattr(fit_module, "build_sampler", recording)
+    df, cache_dir = prepared
+    params = _params()
+    params["sampler"] = "repeat_factor"
+    params["train"].update({"epochs": 3})
+    info = fit_module.train_model(df, CLASSES, cache_dir, params).info
+    assert sorted(set(seen)) == [0, 1, 2] and info["sampler"] == "repeat_factor"
