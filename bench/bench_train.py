@@ -2,7 +2,8 @@
 
 Times full optimisation steps (uint8 batch -> normalise -> batch augmentation -> forward ->
 loss -> backward -> AdamW step) and eval-mode inference, in images per second.
-Usage: python bench/bench_train.py [--backbone mobilenetv3_small_100] [--size 128] [--batch 32]
+Usage: python bench/bench_train.py [--backbone mobilenetv3_small_050] [--size 128] [--batch 32]
+                                   [--memory-format channels_last|contiguous]
 """
 
 from __future__ import annotations
@@ -20,13 +21,15 @@ from cxrlt.training.augment import AugmentConfig, augment_batch
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--backbone", default="mobilenetv3_small_100")
+    ap.add_argument("--backbone", default="mobilenetv3_small_050")
+    ap.add_argument("--memory-format", choices=["channels_last", "contiguous"], default="channels_last")
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=10)
     args = ap.parse_args()
     torch.manual_seed(0)
-    model = build_model(ModelConfig(backbone=args.backbone), 40)
+    cl = args.memory_format == "channels_last"
+    model = build_model(ModelConfig(backbone=args.backbone, channels_last=cl), 40)
     loss_fn = build_loss("asl", {}, np.full(40, 0.05, np.float32))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x = torch.randint(0, 255, (args.batch, args.size, args.size), dtype=torch.uint8)
@@ -56,7 +59,8 @@ def main() -> None:
         for _ in range(args.steps):
             model(x)
         infer_ips = args.steps * args.batch / (time.perf_counter() - t)
-    print(f"{args.backbone} @ {args.size}px, batch {args.batch}, {torch.get_num_threads()} threads")
+    print(f"{args.backbone} @ {args.size}px, {args.memory_format}, batch {args.batch}, "
+          f"{torch.get_num_threads()} threads")
     print(f"train step: {train_ips:8.1f} images/s")
     print(f"inference:  {infer_ips:8.1f} images/s")
 
