@@ -162,3 +162,18 @@ def test_deferred_weighting_switch_turns_weighted_losses_into_their_plain_form()
 def test_bad_loss_settings_are_one_line_errors(name, settings, message):
     with pytest.raises(DataError, match=message):
         build_loss(name, settings, PREV, COUNTS)
+
+
+def test_class_balanced_focal_is_focal_times_the_class_weights():
+    from cxrlt.losses import effective_number_weights
+
+    logits, target, mask = _batch()
+    w = torch.as_tensor(effective_number_weights(COUNTS, 0.99))
+    cb = build_loss("cb", {"beta": 0.99, "gamma": 2.0}, PREV, COUNTS)
+    focal = build_loss("focal", {"gamma": 2.0}, PREV, COUNTS)
+    ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    p = torch.sigmoid(logits)
+    p_t = p * target + (1 - p) * (1 - target)
+    assert torch.allclose(cb(logits, target, mask), (ce * (1 - p_t) ** 2 * w).mean(), atol=1e-6)
+    cb.weighting = False  # deferred re-weighting: plain focal until the switch
+    assert torch.allclose(cb(logits, target, mask), focal(logits, target, mask))

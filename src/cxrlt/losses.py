@@ -71,12 +71,18 @@ class BCE(WeightedLoss):
         return _masked_mean(loss, mask)
 
 
-class FocalLoss(nn.Module):
-    """Focal loss, sigmoid form: (1 - p_t)^gamma down-weights the easy examples."""
+class FocalLoss(WeightedLoss):
+    """Focal loss, sigmoid form: (1 - p_t)^gamma down-weights the easy examples; optional
+    per-class weights (`cb` with gamma > 0)."""
 
-    def __init__(self, gamma: float = 2.0, alpha: float | None = None):
+    def __init__(self, gamma: float = 2.0, alpha: float | None = None, class_weight: torch.Tensor | None = None):
         super().__init__()
         self.gamma, self.alpha = gamma, alpha
+        self.register_buffer("class_weight", class_weight)
+
+    @property
+    def has_weights(self) -> bool:
+        return self.class_weight is not None
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         logits, t = logits.float(), target.float()
@@ -86,6 +92,8 @@ class FocalLoss(nn.Module):
         loss = ce * (1 - p_t) ** self.gamma
         if self.alpha is not None:
             loss = loss * (self.alpha * t + (1 - self.alpha) * (1 - t))
+        if self.weighting and self.class_weight is not None:
+            loss = loss * self.class_weight
         return _masked_mean(loss, mask)
 
 
@@ -281,27 +289,7 @@ def _cb(prevalence: np.ndarray | None = None, counts: np.ndarray | None = None,
     """Class-balanced by the effective number of samples; BCE, or focal with gamma > 0."""
     _check("cb", beta=(beta, 0.0, 1.0), gamma=(gamma, 0.0, None))
     w = torch.as_tensor(effective_number_weights(_need(counts, "cb"), beta))
-    if gamma > 0:
-        return _ClassWeighted(FocalLoss(gamma=gamma), w)
-    return BCE(class_weight=w)
-
-
-class _ClassWeighted(WeightedLoss):
-    """Per-class weights on a loss that has none of its own (focal for `cb`)."""
-
-    def __init__(self, base: FocalLoss, weight: torch.Tensor):
-        super().__init__()
-        self.base = base
-        self.register_buffer("weight", weight)
-
-    def forward(self, logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        if not self.weighting:
-            return self.base(logits, target, mask)
-        logits, t = logits.float(), target.float()
-        ce = F.binary_cross_entropy_with_logits(logits, t, reduction="none")
-        p = torch.sigmoid(logits)
-        p_t = p * t + (1 - p) * (1 - t)
-        return _masked_mean(ce * (1 - p_t) ** self.base.gamma * self.weight, mask)
+    return FocalLoss(gamma=gamma, class_weight=w) if gamma > 0 else BCE(class_weight=w)
 
 
 @LOSSES.register("db")
