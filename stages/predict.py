@@ -1,9 +1,16 @@
-"""Stage predict: probabilities for val/dev/test images and the CXR-LT test submission."""
+"""Stage predict: probabilities for val/dev/test images and the CXR-LT test submission.
+
+The image model's output is aggregated to `predict.level` (per study) and calibrated per
+class (`calibrate`, fitted on val labels only); both are recorded in the predictions file
+(`image:` columns hold the raw image-level output) and the calibration in its own JSON.
+"""
 
 from cxrlt.data.cache import ImageCache
+from cxrlt.data.manifest import label_matrix
 from cxrlt.inference import load_checkpoint, predict, resolve_device
-from cxrlt.io import write_parquet
+from cxrlt.io import write_json, write_parquet
 from cxrlt.params import load_params
+from cxrlt.postprocess import postprocess, settings
 from cxrlt.stage import read_parquet, run_stage
 from cxrlt.submission import predictions_frame, submission_path, write_submission
 
@@ -11,19 +18,24 @@ from cxrlt.submission import predictions_frame, submission_path, write_submissio
 def main() -> None:
     params = load_params()
     p = params["predict"]
+    level, calibrate = settings(params)  # a bad setting fails before the model loads
     model, info = load_checkpoint(params["train"]["checkpoint"])
+    classes = info["classes"]
     manifest = read_parquet(params["data"]["manifest"], "data.manifest", "prepare")
     rows = manifest[manifest["split"].isin(["val", "dev", "test"])].reset_index(drop=True)
     device = resolve_device(p.get("device", "auto"))
     probs = predict(model, ImageCache(params["cache"]["dir"]), rows["image_id"],
                     batch_size=int(p["batch_size"]), tta_hflip=bool(p["tta_hflip"]), device=device)
-    preds = predictions_frame(rows, info["classes"], probs)
+    y_val = label_matrix(rows[rows["split"] == "val"], classes)  # the only labels used here
+    post = postprocess(probs, rows, y_val, classes, level, calibrate)
+    preds = predictions_frame(rows, classes, post.probs, image_probs=probs)
     write_parquet(p["out"], preds)
+    write_json(p["calibration_out"], {"level": level, **post.calibration.to_dict()})
     test = preds[preds["split"] == "test"]
     submission = submission_path(p["submission_dir"], params["task"])
-    write_submission(submission, test, info["classes"])
-    print(f"predict on {device}: {len(preds)} images -> {p['out']}; {len(test)} test rows -> "
-          f"{submission}")
+    write_submission(submission, test, classes)
+    print(f"predict on {device}: {len(preds)} images at level {level}, calibration {calibrate} "
+          f"-> {p['out']}; {len(test)} test rows -> {submission}")
 
 
 if __name__ == "__main__":

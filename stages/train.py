@@ -14,6 +14,10 @@ def main() -> None:
     info = fit(manifest, classes, params["cache"]["dir"], params, t["checkpoint"], live_dir=t["live_dir"])
     print(f"train: sampler {info['sampler']} ({info['epoch_length']} images per epoch), "
           f"best val mAP {info['val_mAP']:.4f} at epoch {info['best_epoch'] + 1} -> {t['checkpoint']}")
+    if "crt" in info:
+        c = info["crt"]
+        print(f"train: cRT ({c['epochs']} epochs, {c['sampler']} sampler): val mAP "
+              f"{c['val_mAP_before']:.4f} -> {c['val_mAP']:.4f} (cRT epoch {c['best_epoch'] + 1})")
 
 
 if __name__ == "__main__":

@@ -74,7 +74,7 @@ def make_preds(manifest: pd.DataFrame, seed: int = 1) -> pd.DataFrame:
     test = np.flatnonzero(rows["split"] == "test")
     probs[test[:2], 0] = [TOP_POS, TOP_NEG]
     probs[test[2:], 0] = np.minimum(probs[test[2:], 0], 0.99)
-    return predictions_frame(rows, CLASSES, probs)
+    return predictions_frame(rows, CLASSES, probs, image_probs=probs)
 
 
 def make_info(manifest: pd.DataFrame) -> dict:
@@ -371,7 +371,7 @@ def test_predictions_frame_checks_shape():
 # --- metrics files DVC tabulates: the summary numbers only ---------------------------------
 
 SUMMARY_FILE_KEYS = {"mAP", "mAP_head", "mAP_medium", "mAP_tail", "mAUROC", "mF1@0.5", "mF1@tuned",
-                     "mECE", "prevalence_baseline_mAP", "n_images", "labelled"}  # fmt: skip
+                     "mECE", "mECE_uncalibrated", "prevalence_baseline_mAP", "n_images", "labelled"}  # fmt: skip
 
 
 def test_summary_metrics_keys_are_the_summary_numbers():

@@ -8,6 +8,7 @@ A tiny workspace (manifest, cache, checkpoint of a small timm model) lives in tm
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import sys
 from pathlib import Path
@@ -173,6 +174,44 @@ def test_predict_names_the_submission_after_the_task(workspace, capsys):
     assert list(sub.columns) == ["dicom_id", "study_id", *CLASSES]
     assert sorted(sub["dicom_id"]) == sorted(keep.loc[keep["split"] == "test", "image_id"])
     assert not Path("submissions/task1_test.csv").exists()
+
+
+def test_predict_calibrates_on_val_labels_only(workspace, capsys):
+    """Platt at the view-group level: dev/test labels are never read (changing them changes
+    nothing), the submitted values differ from the raw image-level ones, and the fit is saved."""
+    manifest = make_manifest()
+    keep = manifest.groupby("split").head(12).reset_index(drop=True)
+    Path("img").mkdir()
+    rng = np.random.default_rng(0)
+    paths = []
+    for image_id in keep["image_id"]:
+        paths.append(f"img/{image_id}.png")
+        Image.fromarray(rng.integers(0, 255, (20, 24), dtype=np.uint8)).save(paths[-1])
+    keep["path"] = paths
+    build_cache(keep, PATHS["cache", "dir"], 16, workers=1, partial_dir="data/partial",
+                progress=False)  # fmt: skip
+    save_tiny_checkpoint(PATHS["train", "checkpoint"], keep)
+    set_params(calibrate="platt", **{"predict.level": "view_group"})
+    outputs = []
+    for flip in (False, True):
+        m = keep.copy()
+        if flip:
+            held_out = m["split"].isin(["dev", "test"])
+            m.loc[held_out, CLASSES] = 1.0 - m.loc[held_out, CLASSES].fillna(0.0)
+        write_parquet(PATHS["data", "manifest"], m)
+        run_stage(stage("predict").main)
+        outputs.append(pd.read_parquet(PATHS["predict", "out"]))
+    assert "calibration platt" in capsys.readouterr().out
+    pd.testing.assert_frame_equal(outputs[0], outputs[1])
+    p_cols = [f"p:{c}" for c in CLASSES]
+    image_cols = [f"image:{c}" for c in CLASSES]
+    assert not np.allclose(outputs[0][p_cols].to_numpy(), outputs[0][image_cols].to_numpy())
+    assert outputs[0].groupby("study_id")[p_cols].nunique().max().max() == 1
+    fitted = json.loads(Path(yaml.safe_load(Path("params.yaml").read_text())["predict"]["calibration_out"]).read_text())
+    assert fitted["method"] == "platt" and fitted["level"] == "view_group"
+    assert set(fitted["per_class"]) == set(CLASSES)
+    set_params(calibrate="isotonic")
+    fails_with_one_line("predict", capsys, "calibrate", "'isotonic'", "platt")
 
 
 def _interpolate(text: str, params: dict) -> str:

@@ -224,3 +224,65 @@ def test_lightning_tells_the_sampler_each_epoch(prepared, monkeypatch: pytest.Mo
     params["train"].update({"epochs": 3})
     info = fit_module.train_model(df, CLASSES, cache_dir, params).info
     assert sorted(set(seen)) == [0, 1, 2] and info["sampler"] == "repeat_factor"
+
+
+def test_crt_retrains_only_the_head_and_records_it(prepared, tmp_path: Path):
+    """cRT: the backbone (weights and BatchNorm buffers) is the stage-1 one, bit for bit; the
+    head is new, the kept cRT epoch is the best by val mAP, and the run is reproducible."""
+    from cxrlt.training.fit import train_model
+
+    df, cache_dir = prepared
+    params = _params()
+    # the tiny set lacks positives of some classes, so cRT draws at random here
+    params["train"]["crt"] = {"epochs": 3, "sampler": "random", "lr": 0.01, "batch_size": 8}
+    fit(df, CLASSES, cache_dir, params, tmp_path / "crt.pt")
+    fit(df, CLASSES, cache_dir, params, tmp_path / "crt2.pt")
+    assert (tmp_path / "crt.pt").read_bytes() == (tmp_path / "crt2.pt").read_bytes()
+    ckpt = torch.load(tmp_path / "crt.pt", weights_only=True)
+    ref = train_model(df, CLASSES, cache_dir, _params())
+    ref_state = ref.module.model.state_dict()
+    for k, v in ref_state.items():
+        if k.startswith("backbone."):
+            torch.testing.assert_close(ckpt["state_dict"][k], v, rtol=0, atol=0, msg=k)
+    assert not torch.equal(ckpt["state_dict"]["head.fc.weight"], ref_state["head.fc.weight"])
+    crt = ckpt["crt"]
+    assert crt["epochs"] == 3 and len(crt["history"]) == 3 and crt["sampler"] == "random"
+    assert crt["val_mAP"] == max(crt["history"]) and crt["best_epoch"] == int(np.argmax(crt["history"]))
+    assert crt["val_mAP_before"] == ref.info["val_mAP"]
+    assert "crt" not in torch.load(tmp_path / "crt.pt", weights_only=True)["state_dict"]
+
+
+def test_crt_features_are_what_the_head_sees(prepared):
+    """The cached head inputs give the model's own logits (pooling first is exact for the
+    linear head), whatever the batch size of the feature pass."""
+    from cxrlt.training.crt import head_inputs
+    from cxrlt.training.data import CachedImages
+
+    df, cache_dir = prepared
+    from cxrlt.models import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone="mobilenetv3_small_050", channels_last=True), len(CLASSES)).eval()
+    data = CachedImages(ImageCache(cache_dir), df.iloc[::-2], CLASSES)  # out of file order
+    feats = head_inputs(model, data, batch_size=5)
+    assert feats.shape[2:] == (1, 1)
+    torch.testing.assert_close(feats, head_inputs(model, data, batch_size=64), rtol=0, atol=1e-6)
+    x = torch.from_numpy(np.asarray(data.images[data.rows]))
+    with torch.no_grad():
+        torch.testing.assert_close(model.head(feats), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("crt", "message"),
+    [
+        ({"epochs": -1}, "crt.epochs must be an integer"),
+        ({"epochs": 2, "sampler": "balanced"}, "unknown sampler 'balanced'"),
+        ({"epochs": 2, "rate": 0.1}, r"unknown keys \['rate'\]"),
+    ],
+)
+def test_bad_crt_settings_fail_before_data_loads(crt, message, tmp_path: Path):
+    df = pd.DataFrame({"image_id": ["x"], "split": ["train"]})  # never read: the check is first
+    params = _params()
+    params["train"]["crt"] = crt
+    with pytest.raises(DataError, match=message):
+        fit(df, CLASSES, tmp_path / "no-cache", params, tmp_path / "x.pt")

@@ -29,7 +29,8 @@ from cxrlt.errors import DataError
 from cxrlt.io import atomic_path, write_text
 from cxrlt.labels import GROUPS, frequency_groups
 from cxrlt.params import section
-from cxrlt.submission import probabilities
+from cxrlt.postprocess import LEVELS, aggregate, settings
+from cxrlt.submission import IMAGE_PREFIX, probabilities
 
 SUMMARY_KEYS = (
     "mAP",
@@ -44,7 +45,10 @@ SUMMARY_KEYS = (
 # What the metrics files DVC tabulates hold (`dvc exp show` gets one column per key and
 # split): the summary numbers only. Intervals and per-class values live in
 # reports/evaluation.json and plots/per_class_ap.csv, which DVC does not tabulate.
-METRICS_FILE_KEYS = (*SUMMARY_KEYS, "prevalence_baseline_mAP", "n_images", "labelled")
+METRICS_FILE_KEYS = (
+    *SUMMARY_KEYS, "mECE_uncalibrated", "prevalence_baseline_mAP", "n_images", "labelled",
+)  # fmt: skip
+LEVEL_KEYS = ("mAP", "mAP_head", "mAP_medium", "mAP_tail", "mAUROC", "mECE")
 CLUSTER_WORDS = {"study_id": "studies", "patient_id": "patients", "image_id": "images"}
 PR_COLUMNS = ("class", "recall", "precision")
 RELIABILITY_COLUMNS = ("bin_centre", "mean_predicted", "fraction_positive", "count")
@@ -91,17 +95,54 @@ def evaluate_predictions(
 
 
 def summary_metrics(
-    result: Mapping[str, Any], prevalence_baseline_map: float | None
-) -> dict[str, Any]:
+    result: Mapping[str, Any], prevalence_baseline_map: float | None,
+    uncalibrated_ece: float | None = None,
+) -> dict[str, Any]:  # fmt: skip
     """What `dvc metrics show/diff` and `dvc exp show` tabulate for a labelled split.
 
     Only the summary numbers (METRICS_FILE_KEYS), so that two experiments compare in a
     terminal; a metric the result lacks (mF1@tuned without thresholds) is null.
+    `uncalibrated_ece`: mECE of the same level before calibration (= mECE without one).
     """
     out: dict[str, Any] = {k: result.get(k) for k in SUMMARY_KEYS}
+    out["mECE_uncalibrated"] = uncalibrated_ece
     out["prevalence_baseline_mAP"] = prevalence_baseline_map
     out["n_images"] = int(result["n_images"])
     out["labelled"] = True
+    return out
+
+
+def level_comparison(
+    y: np.ndarray,
+    rows: pd.DataFrame,
+    classes: Sequence[str],
+    groups: Mapping[str, str],
+    cluster: str,
+    n_bootstrap: int,
+    seed: int,
+    ci: float,
+) -> dict[str, dict[str, Any]]:
+    """Every aggregation level from the image model's raw output, side by side, per image.
+
+    Scored per image as the challenge scores (each image holds its study's value). Δ vs the
+    image level: paired cluster bootstrap (the same resampled studies for every level),
+    percentile interval. Uncalibrated: calibration changes neither AP nor AUROC.
+    """
+    from cxrlt.compare import paired_bootstrap, paired_difference
+
+    raw = probabilities(rows, classes, IMAGE_PREFIX)
+    scores = [aggregate(raw, rows["study_id"].to_numpy(), rows["view"].to_numpy(), lv) for lv in LEVELS]
+    pb = None
+    if n_bootstrap > 0:
+        pb = paired_bootstrap(y, scores, classes, groups, ids=rows[cluster].to_numpy(),
+                              n_bootstrap=n_bootstrap, seed=seed)  # fmt: skip
+    out: dict[str, dict[str, Any]] = {}
+    for i, level in enumerate(LEVELS):
+        res = M.evaluate(y, scores[i], classes, groups, n_bootstrap=0)
+        out[level] = {k: res.get(k) for k in LEVEL_KEYS}
+        if pb is not None and i > 0:
+            diff = paired_difference(pb, [(0, i)], ci=ci)
+            out[level]["delta_vs_image"] = {k: {"delta": d["delta"], "ci": d["ci"]} for k, d in diff.items()}
     return out
 
 
@@ -350,8 +391,10 @@ def render_report(
     figures: Mapping[str, Mapping[str, str]],
     info: Mapping[str, Any],
     cluster: str,
+    levels: Mapping[str, Mapping[str, Any]] | None = None,
+    post: Mapping[str, str] | None = None,
 ) -> str:
-    """The Markdown report: summary with intervals, lift per group, figures, per-class table.
+    """The Markdown report: summary with intervals, lift per group, levels, figures, per-class table.
 
     `results` holds the full metric dicts of the labelled splits, `summaries` every split's
     metrics file (unlabelled ones too), `baselines` the prevalence-baseline means of each
@@ -431,6 +474,8 @@ def render_report(
                     f"**{split}**: AP undefined (no positives, excluded from every mean): "
                     + ", ".join(res["undefined_classes"]),
                 ]
+    if levels:
+        lines += _level_lines(levels, summaries, post or {"level": "image", "calibrate": "none"})
     if any(figures.values()):
         lines += ["", "## Figures", ""]
         for split, figs in figures.items():
@@ -467,6 +512,36 @@ def render_report(
                 f"| {c} | {r['group']} | {r['train_positives']} | " + " | ".join(cells) + " |"
             )
     return "\n".join(lines) + "\n"
+
+
+def _level_lines(
+    levels: Mapping[str, Mapping[str, Any]], summaries: Mapping[str, Mapping[str, Any]],
+    post: Mapping[str, str],
+) -> list[str]:  # fmt: skip
+    lines = [
+        "",
+        "## Aggregation levels and calibration",
+        "",
+        f"Submitted: level `{post['level']}`, calibration `{post['calibrate']}` (fitted per class "
+        "on the val split). Every level below is computed from the same image-level "
+        "predictions, uncalibrated, and scored per image (each image holds its study's value). "
+        "Δ: paired cluster-bootstrap difference to the image level, percentile interval.",
+        "",
+        "| split | level | mAP | Δ mAP vs image | head | medium | tail | mAUROC | mECE |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for split, table in levels.items():
+        for level, m in table.items():
+            d = (m.get("delta_vs_image") or {}).get("mAP")
+            delta = "—" if d is None or d["delta"] is None else (
+                f"{d['delta']:+.4f}" + (f" [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}]" if d["ci"] else ""))
+            cells = [_fmt(m.get(k)) for k in ("mAP",)] + [delta] + [
+                _fmt(m.get(k)) for k in ("mAP_head", "mAP_medium", "mAP_tail", "mAUROC", "mECE")]
+            lines.append(f"| {split} | {level} | " + " | ".join(cells) + " |")
+    lines += ["", "mECE of the submitted predictions: " + ", ".join(
+        f"{s} {_fmt(m.get('mECE'))} (uncalibrated {_fmt(m.get('mECE_uncalibrated'))})"
+        for s, m in summaries.items() if m.get("labelled"))]  # fmt: skip
+    return lines
 
 
 # -------------------------------------------------------------------------------------------
@@ -532,7 +607,8 @@ def check_inputs(
             f"{where['checkpoint']}: train_counts / n_train_images do not match its "
             f"{len(classes)} classes"
         )
-    needed = ["image_id", "split", cluster, *(f"p:{c}" for c in classes)]
+    needed = ["image_id", "split", "study_id", "view", cluster, *(f"p:{c}" for c in classes),
+              *(f"{IMAGE_PREFIX}{c}" for c in classes)]  # fmt: skip
     missing = [c for c in needed if c not in preds.columns]
     if missing:
         raise DataError(
@@ -565,14 +641,15 @@ def check_inputs(
                 f"({where['manifest']} has {in_manifest} such images; splits predicted: "
                 f"{sorted(preds['split'].unique())})"
             )
-    probs = probabilities(preds, classes)
-    bad = ~np.isfinite(probs)
-    if bad.any():
-        r, c = np.argwhere(bad)[0]
-        raise DataError(
-            f"{where['predictions']}: probability {probs[r, c]!r} in column 'p:{classes[c]}' "
-            f"for image_id {preds['image_id'].iloc[r]!r}"
-        )
+    for prefix in ("p:", IMAGE_PREFIX):
+        probs = probabilities(preds, classes, prefix)
+        bad = ~np.isfinite(probs) | (probs < 0) | (probs > 1)
+        if bad.any():
+            r, c = np.argwhere(bad)[0]
+            raise DataError(
+                f"{where['predictions']}: probability {probs[r, c]!r} in column "
+                f"'{prefix}{classes[c]}' for image_id {preds['image_id'].iloc[r]!r}"
+            )
 
 
 def _json_text(obj: Any) -> str:
@@ -598,6 +675,7 @@ def run(
     Nothing is written until every output is computed.
     """
     e = _settings(params)
+    level, calibrate = settings(params)
     where = {"predictions": _where(params, "predict.out", "predictions"),
              "manifest": _where(params, "data.manifest", "manifest"),
              "checkpoint": _where(params, "train.checkpoint", "checkpoint")}  # fmt: skip
@@ -634,6 +712,12 @@ def run(
             {"class": classes, "threshold": thresholds}
         ).to_csv(index=False),
     }
+    seed = int(params.get("seed", 0))
+    levels = {
+        split: level_comparison(split_data[split][0], split_data[split][2], classes, groups, cluster,
+                                e["n_bootstrap"], seed, e["ci"])
+        for split in results
+    }  # fmt: skip
     summaries: dict[str, dict[str, Any]] = {}
     baselines: dict[str, dict[str, float | None]] = {}
     figures: dict[str, dict[str, str]] = {}
@@ -647,7 +731,8 @@ def run(
                 files[plots_dir / f"{name}_{split}.csv"] = empty.to_csv(index=False)
         else:
             baselines[split] = baseline_means(y, prevalence, classes, groups)
-            summaries[split] = summary_metrics(results[split], baselines[split]["mAP"])
+            summaries[split] = summary_metrics(results[split], baselines[split]["mAP"],
+                                               levels[split][level]["mECE"])  # fmt: skip
             pr, rel = pr_curve_rows(y, s, classes, chosen), reliability_rows(y, s)
             files[plots_dir / f"pr_curves_{split}.csv"] = pr.to_csv(index=False)
             files[plots_dir / f"reliability_{split}.csv"] = rel.to_csv(index=False)
@@ -657,15 +742,16 @@ def run(
                 files[path] = png
                 figures[split][name] = os.path.relpath(path, report_dir)
         files[metrics_dir / f"{split}.json"] = _json_text(summaries[split])
+    post = {"level": level, "calibrate": calibrate}
     files[report_dir / "evaluation.md"] = render_report(
-        results, summaries, baselines, table, figures, info, cluster
+        results, summaries, baselines, table, figures, info, cluster, levels, post
     )
     tuned = dict(zip(classes, map(float, thresholds), strict=True))
-    full: dict[str, Any] = {"thresholds": tuned}
+    full: dict[str, Any] = {"thresholds": tuned, "postprocess": post}
     for split in splits:
         if split in results:
             baseline = {"prevalence_baseline": baselines[split]}
-            full[split] = {"labelled": True, **results[split], **baseline}
+            full[split] = {"labelled": True, **results[split], **baseline, "levels": levels[split]}
         else:
             full[split] = {"labelled": False, "n_images": summaries[split]["n_images"]}
     files[report_dir / "evaluation.json"] = _json_text(full)

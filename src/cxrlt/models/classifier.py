@@ -80,6 +80,19 @@ def freeze_unused(backbone: nn.Module, in_chans: int) -> list[str]:
     return unused
 
 
+def normalise_pixels(x: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """uint8 (B, H, W) or (B, 1, H, W) -> float normalised (B, in_chans, H, W).
+
+    A function rather than only a method so that models built around a Classifier's
+    backbone (the multi-view fusion model) normalise exactly as the backbone was trained."""
+    if x.dim() == 3:
+        x = x.unsqueeze(1)
+    x = x.float().div_(255.0).sub_(cfg.mean).div_(cfg.std)
+    if cfg.in_chans != x.shape[1]:
+        x = x.expand(-1, cfg.in_chans, -1, -1)
+    return x
+
+
 class Classifier(nn.Module):
     def __init__(self, cfg: ModelConfig, num_classes: int):
         super().__init__()
@@ -94,12 +107,7 @@ class Classifier(nn.Module):
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 (B, H, W) or (B, 1, H, W) -> float normalised (B, in_chans, H, W)."""
-        if x.dim() == 3:
-            x = x.unsqueeze(1)
-        x = x.float().div_(255.0).sub_(self.cfg.mean).div_(self.cfg.std)
-        if self.cfg.in_chans != x.shape[1]:
-            x = x.expand(-1, self.cfg.in_chans, -1, -1)
-        return x
+        return normalise_pixels(x, self.cfg)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         if self.cfg.channels_last:

@@ -29,6 +29,7 @@ from cxrlt.errors import DataError
 from cxrlt.io import atomic_path
 from cxrlt.models import ModelConfig
 from cxrlt.training.augment import AugmentConfig
+from cxrlt.training.crt import CRTConfig, retrain_classifier
 from cxrlt.training.data import CachedImages, Loaders, keep_cached
 from cxrlt.training.module import ImageClassifierModule, OptimConfig
 from cxrlt.training.samplers import build_sampler, check_sampler
@@ -133,6 +134,7 @@ def train_model(
     sampler_settings = (params.get("samplers") or {}).get(sampler_name) or {}
     check_sampler(sampler_name, sampler_settings)  # a wrong name fails before data loads
     drw_epoch, ema_decay = _schedules(tp)
+    crt = CRTConfig.from_params(tp.get("crt"), params.get("samplers"))
     L.seed_everything(seed, workers=True)
     if int(tp.get("threads", 0)) > 0:
         torch.set_num_threads(int(tp["threads"]))
@@ -164,9 +166,9 @@ def train_model(
     sampler = build_sampler(
         sampler_name, sampler_settings, train_set.targets, train_set.mask, classes, seed
     )
+    val_set = CachedImages(cache, val_df, classes)
     loaders = Loaders(
-        train_set, CachedImages(cache, val_df, classes), sampler, bs,
-        int(tp.get("eval_batch_size", bs)), workers, seed,
+        train_set, val_set, sampler, bs, int(tp.get("eval_batch_size", bs)), workers, seed,
     )  # fmt: skip
 
     loggers: list[Any] = []
@@ -211,6 +213,11 @@ def train_model(
         "epoch_length": sampler.epoch_length,
         "seed": seed,
     }
+    if crt.epochs > 0:  # recorded only when on: the default checkpoint stays as it was
+        info["crt"] = retrain_classifier(
+            module.model, module.criterion, train_set, val_set, classes, crt,
+            (params.get("samplers") or {}).get(crt.sampler), seed, best.best_score,
+        )  # fmt: skip
     return Trained(module, info, int(trainer.global_rank), list(best.history))
 
 
