@@ -1,13 +1,21 @@
 """Stage predict: probabilities for val/dev/test images and the CXR-LT test submission.
 
-The image model's output is aggregated to `predict.level` (per study) and calibrated per
-class (`calibrate`, fitted on val labels only); both are recorded in the predictions file
-(`image:` columns hold the raw image-level output) and the calibration in its own JSON.
+The image model's output is aggregated to `predict.level` (per study; `fused`: the stage-2
+fusion model's study prediction) and calibrated per class (`calibrate`, fitted on val labels
+only). The predictions file also keeps the raw image-level (`image:`) and fused (`fused:`)
+outputs, from which evaluate compares every level; the calibration goes to its own JSON.
 """
 
 from cxrlt.data.cache import ImageCache
 from cxrlt.data.manifest import label_matrix
-from cxrlt.inference import load_checkpoint, predict, resolve_device
+from cxrlt.errors import DataError
+from cxrlt.inference import (
+    StudyTable,
+    load_checkpoint,
+    load_fusion_checkpoint,
+    predict,
+    resolve_device,
+)
 from cxrlt.io import write_json, write_parquet
 from cxrlt.params import load_params
 from cxrlt.postprocess import postprocess, settings
@@ -24,11 +32,18 @@ def main() -> None:
     manifest = read_parquet(params["data"]["manifest"], "data.manifest", "prepare")
     rows = manifest[manifest["split"].isin(["val", "dev", "test"])].reset_index(drop=True)
     device = resolve_device(p.get("device", "auto"))
-    probs = predict(model, ImageCache(params["cache"]["dir"]), rows["image_id"],
+    cache = ImageCache(params["cache"]["dir"])
+    probs = predict(model, cache, rows["image_id"],
                     batch_size=int(p["batch_size"]), tta_hflip=bool(p["tta_hflip"]), device=device)
+    fusion, finfo = load_fusion_checkpoint(params["fuse"]["checkpoint"])
+    if list(finfo["classes"]) != list(classes):
+        raise DataError(f"{params['fuse']['checkpoint']}: classes differ from {params['train']['checkpoint']}'s "
+                        "(re-run the fuse stage)")  # fmt: skip
+    table = StudyTable(rows, classes, int(finfo["fusion"]["max_views"]))
+    fused = table.predict(fusion.to(device), cache, int(p["batch_size"]), device)
     y_val = label_matrix(rows[rows["split"] == "val"], classes)  # the only labels used here
-    post = postprocess(probs, rows, y_val, classes, level, calibrate)
-    preds = predictions_frame(rows, classes, post.probs, image_probs=probs)
+    post = postprocess(probs, rows, y_val, classes, level, calibrate, fused=fused)
+    preds = predictions_frame(rows, classes, post.probs, image_probs=probs, fused_probs=fused)
     write_parquet(p["out"], preds)
     write_json(p["calibration_out"], {"level": level, **post.calibration.to_dict()})
     test = preds[preds["split"] == "test"]

@@ -24,6 +24,8 @@ TINY = {
     "cache": {"size": 48, "workers": 1},
     "model": {"backbone": "mobilenetv3_small_050"},
     "train": {"epochs": 1, "batch_size": 16},
+    "fuse": {"epochs": 1, "batch_size": 8,
+             "model": {"tokens_dim": 32, "ff_dim": 32, "head_args": {"dim": 32, "ff_dim": 32}}},
     "evaluate": {"n_bootstrap": 20},
 }
 

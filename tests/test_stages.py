@@ -33,6 +33,7 @@ PATHS = {
     ("cache", "dir"): "data/cache",
     ("train", "checkpoint"): "models/model.pt",
     ("predict", "out"): "data/predictions.parquet",
+    ("fuse", "checkpoint"): "models/fusion.pt",
 }
 
 
@@ -89,11 +90,18 @@ def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def save_tiny_checkpoint(path: str, manifest: pd.DataFrame) -> None:
+    """A stage-1 checkpoint and the stage-2 fusion checkpoint built on it (untrained)."""
+    from cxrlt.models.fusion import FusionConfig, FusionModel
     from cxrlt.training.fit import save_checkpoint
 
     cfg = ModelConfig(backbone="resnet10t", head="linear")
     info = {**make_info(manifest), "model": cfg.to_dict()}
-    save_checkpoint(path, build_model(cfg, len(CLASSES)).state_dict(), info)
+    model = build_model(cfg, len(CLASSES))
+    save_checkpoint(path, model.state_dict(), info)
+    fcfg = FusionConfig(tokens_dim=16, heads=2, ff_dim=16, layers=1, max_views=2,
+                        head_args={"dim": 16, "heads": 2, "ff_dim": 16})  # fmt: skip
+    fusion = FusionModel(model, fcfg, len(CLASSES))
+    save_checkpoint(PATHS["fuse", "checkpoint"], fusion.state_dict(), {**info, "fusion": fcfg.to_dict()})
 
 
 # --- one line per data problem ----------------------------------------------------------------

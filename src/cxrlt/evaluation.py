@@ -29,8 +29,8 @@ from cxrlt.errors import DataError
 from cxrlt.io import atomic_path, write_text
 from cxrlt.labels import GROUPS, frequency_groups
 from cxrlt.params import section
-from cxrlt.postprocess import LEVELS, aggregate, settings
-from cxrlt.submission import IMAGE_PREFIX, probabilities
+from cxrlt.postprocess import AGGREGATIONS, aggregate, settings
+from cxrlt.submission import FUSED_PREFIX, IMAGE_PREFIX, probabilities
 
 SUMMARY_KEYS = (
     "mAP",
@@ -121,27 +121,34 @@ def level_comparison(
     n_bootstrap: int,
     seed: int,
     ci: float,
+    ci_method: str = "bca",
 ) -> dict[str, dict[str, Any]]:
     """Every aggregation level from the image model's raw output, side by side, per image.
 
     Scored per image as the challenge scores (each image holds its study's value). Δ vs the
-    image level: paired cluster bootstrap (the same resampled studies for every level),
-    percentile interval. Uncalibrated: calibration changes neither AP nor AUROC.
+    image level: paired cluster bootstrap (the same resampled studies for every level) with
+    the `evaluate.ci_method` interval; BCa by default, because resampling studies biases AP
+    differently when a study's images share one score, so the percentile interval of this
+    difference is off-centre. Uncalibrated: calibration changes neither AP nor AUROC.
     """
     from cxrlt.compare import paired_bootstrap, paired_difference
 
     raw = probabilities(rows, classes, IMAGE_PREFIX)
-    scores = [aggregate(raw, rows["study_id"].to_numpy(), rows["view"].to_numpy(), lv) for lv in LEVELS]
+    names = list(AGGREGATIONS)
+    scores = [aggregate(raw, rows["study_id"].to_numpy(), rows["view"].to_numpy(), lv) for lv in names]
+    if all(f"{FUSED_PREFIX}{c}" in rows.columns for c in classes):
+        names.append("fused")
+        scores.append(probabilities(rows, classes, FUSED_PREFIX))
     pb = None
     if n_bootstrap > 0:
         pb = paired_bootstrap(y, scores, classes, groups, ids=rows[cluster].to_numpy(),
-                              n_bootstrap=n_bootstrap, seed=seed)  # fmt: skip
+                              n_bootstrap=n_bootstrap, seed=seed, jackknife=ci_method == "bca")  # fmt: skip
     out: dict[str, dict[str, Any]] = {}
-    for i, level in enumerate(LEVELS):
+    for i, level in enumerate(names):
         res = M.evaluate(y, scores[i], classes, groups, n_bootstrap=0)
         out[level] = {k: res.get(k) for k in LEVEL_KEYS}
         if pb is not None and i > 0:
-            diff = paired_difference(pb, [(0, i)], ci=ci)
+            diff = paired_difference(pb, [(0, i)], ci=ci, method=ci_method)
             out[level]["delta_vs_image"] = {k: {"delta": d["delta"], "ci": d["ci"]} for k, d in diff.items()}
     return out
 
@@ -525,7 +532,8 @@ def _level_lines(
         f"Submitted: level `{post['level']}`, calibration `{post['calibrate']}` (fitted per class "
         "on the val split). Every level below is computed from the same image-level "
         "predictions, uncalibrated, and scored per image (each image holds its study's value). "
-        "Δ: paired cluster-bootstrap difference to the image level, percentile interval.",
+        "Δ: paired cluster-bootstrap difference to the image level (same resamples for every "
+        "level, the report's interval method).",
         "",
         "| split | level | mAP | Δ mAP vs image | head | medium | tail | mAUROC | mECE |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -641,7 +649,8 @@ def check_inputs(
                 f"({where['manifest']} has {in_manifest} such images; splits predicted: "
                 f"{sorted(preds['split'].unique())})"
             )
-    for prefix in ("p:", IMAGE_PREFIX):
+    fused = all(f"{FUSED_PREFIX}{c}" in preds.columns for c in classes)
+    for prefix in ("p:", IMAGE_PREFIX, *((FUSED_PREFIX,) if fused else ())):
         probs = probabilities(preds, classes, prefix)
         bad = ~np.isfinite(probs) | (probs < 0) | (probs > 1)
         if bad.any():
@@ -676,11 +685,15 @@ def run(
     """
     e = _settings(params)
     level, calibrate = settings(params)
+    ci_method = str(params["evaluate"].get("ci_method", "bca"))
     where = {"predictions": _where(params, "predict.out", "predictions"),
              "manifest": _where(params, "data.manifest", "manifest"),
              "checkpoint": _where(params, "train.checkpoint", "checkpoint")}  # fmt: skip
     splits, cluster = e["splits"], str(e["cluster"])
     check_inputs(preds, manifest, info, splits, cluster, where)
+    if level == "fused" and not all(f"{FUSED_PREFIX}{c}" in preds.columns for c in info["classes"]):
+        raise DataError(f"{where['predictions']}: predict.level is 'fused' but there are no fused: "
+                        "columns (re-run the predict stage)")  # fmt: skip
     classes = list(info["classes"])
     counts, n_train = info["train_counts"], int(info["n_train_images"])
     split_data = {s: aligned(preds, manifest, classes, s) for s in splits}
@@ -696,7 +709,7 @@ def run(
         cluster,
         e["ci"],
         int(params.get("seed", 0)),
-        ci_method=str(params["evaluate"].get("ci_method", "bca")),
+        ci_method=ci_method,
     )
     metrics_dir, plots_dir, report_dir = (
         Path(e["metrics_dir"]),
@@ -715,7 +728,7 @@ def run(
     seed = int(params.get("seed", 0))
     levels = {
         split: level_comparison(split_data[split][0], split_data[split][2], classes, groups, cluster,
-                                e["n_bootstrap"], seed, e["ci"])
+                                e["n_bootstrap"], seed, e["ci"], ci_method)
         for split in results
     }  # fmt: skip
     summaries: dict[str, dict[str, Any]] = {}
@@ -732,7 +745,7 @@ def run(
         else:
             baselines[split] = baseline_means(y, prevalence, classes, groups)
             summaries[split] = summary_metrics(results[split], baselines[split]["mAP"],
-                                               levels[split][level]["mECE"])  # fmt: skip
+                                               levels[split].get(level, {}).get("mECE"))  # fmt: skip
             pr, rel = pr_curve_rows(y, s, classes, chosen), reliability_rows(y, s)
             files[plots_dir / f"pr_curves_{split}.csv"] = pr.to_csv(index=False)
             files[plots_dir / f"reliability_{split}.csv"] = rel.to_csv(index=False)

@@ -64,6 +64,29 @@ def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> tuple
     return model, info
 
 
+def load_fusion_checkpoint(path: str | os.PathLike) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The stage-2 fusion model (backbone included) from its self-contained checkpoint."""
+    from cxrlt.models.fusion import FusionConfig, FusionModel
+
+    if not os.path.isfile(path):
+        raise DataError(f"checkpoint {path} not found (run the fuse stage)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise DataError(f"checkpoint {path} is not a valid cxrlt fusion checkpoint: {_one_line(exc)}") from None
+    missing = [k for k in (*REQUIRED_KEYS, "fusion") if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise DataError(f"checkpoint {path} is not a fusion checkpoint: missing keys {missing}")
+    try:
+        classifier = Classifier(ModelConfig(**{**ckpt["model"], "pretrained": False}), len(ckpt["classes"]))
+        model = FusionModel(classifier, FusionConfig(**ckpt["fusion"]), len(ckpt["classes"]))
+        model.load_state_dict(ckpt["state_dict"], strict=True)
+    except (TypeError, ValueError, RuntimeError, KeyError, AttributeError, DataError) as exc:
+        raise DataError(f"checkpoint {path}: the weights do not fit its fusion config: {_one_line(exc)}") from None
+    model.eval()
+    return model, {k: v for k, v in ckpt.items() if k != "state_dict"}
+
+
 def resolve_device(spec: str | torch.device = "auto") -> torch.device:
     """`auto`: cuda if available, else mps if available, else cpu; or an explicit device."""
     if str(spec) == "auto":
@@ -115,3 +138,126 @@ def predict(
             p = 0.5 * (p + torch.sigmoid(model(torch.flip(x, dims=[-1])).float()))
         out[start : start + len(idx)] = p.cpu().numpy()
     return out
+
+
+# -------------------------------------------------------------------------------------------
+# stage 2: image features and study-level prediction with the fusion model
+
+
+def _read_images(cache: ImageCache, image_ids: list[str]) -> np.ndarray:
+    """(n, S, S) uint8 pixels of `image_ids`, read from the memmap in file order."""
+    rows = cache.rows(image_ids)
+    order = np.argsort(rows)
+    out = np.empty((len(rows), cache.size, cache.size), dtype=np.uint8)
+    out[order] = cache.images[rows[order]]
+    return out
+
+
+@torch.no_grad()
+def image_features(
+    model: torch.nn.Module, cache: ImageCache, image_ids: list[str], batch_size: int,
+    device: torch.device,
+) -> torch.Tensor:  # fmt: skip
+    """(n, C, h, w) float32 backbone feature maps (eval mode) of a fusion model, on the CPU."""
+    was = model.training
+    model.eval()
+    parts = []
+    for start in range(0, len(image_ids), batch_size):
+        x = torch.from_numpy(_read_images(cache, image_ids[start : start + batch_size])).to(device)
+        x = model.normalise(x.unsqueeze(1))[:, 0].to(model.tokenizer.weight.dtype)
+        if model.model_cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        parts.append(model.backbone.forward_features(x).float().cpu())
+    model.train(was)
+    return torch.cat(parts) if parts else torch.empty(0)
+
+
+class StudyTable:
+    """Manifest rows grouped by study for the fusion model: per study the views in slot order
+    (`models.fusion.group_studies`), the study label, and for every row its study, so each
+    image (also beyond the view cap) gets its study's prediction."""
+
+    def __init__(self, rows: pd.DataFrame, classes: list[str], cap: int):
+        from cxrlt.data.manifest import label_matrix
+        from cxrlt.models.fusion import group_studies
+
+        self.rows = rows.reset_index(drop=True)
+        self.cap = int(cap)
+        self.studies = group_studies(self.rows, classes, self.cap)
+        position = {s.study_id: k for k, s in enumerate(self.studies)}
+        self.row_study = self.rows["study_id"].astype(str).map(position).to_numpy(dtype=np.int64)
+        k = len(classes)
+        self.labels = np.stack([s.label for s in self.studies]) if self.studies else np.zeros((0, k), np.float32)
+        self.image_labels = label_matrix(self.rows, classes)
+
+    def __len__(self) -> int:
+        return len(self.studies)
+
+    @property
+    def image_ids(self) -> list[str]:
+        """Every image a study's evaluation slots use."""
+        return [i for s in self.studies for i in s.image_ids]
+
+    def slots(self, rng: np.random.Generator | None = None) -> tuple[list[list[str]], np.ndarray, np.ndarray]:
+        """(image ids per study, view codes (S, cap), padding mask (S, cap)); rng None: the
+        evaluation rule, else a random subset for studies over the cap (training)."""
+        from cxrlt.models.fusion import view_code, views_for_study
+
+        ids, types = [], np.full((len(self), self.cap), 2, dtype=np.int64)
+        pad = np.ones((len(self), self.cap), dtype=bool)
+        for k, s in enumerate(self.studies):
+            if rng is not None and len(s.all_image_ids) > self.cap:
+                pick = views_for_study(s.all_views, s.all_image_ids, self.cap, rng)
+                chosen, views = [s.all_image_ids[i] for i in pick], [s.all_views[i] for i in pick]
+            else:
+                chosen, views = s.image_ids, s.views
+            ids.append(chosen)
+            types[k, : len(chosen)] = [view_code(v) for v in views]
+            pad[k, : len(chosen)] = False
+        return ids, types, pad
+
+    def predict(
+        self, model: torch.nn.Module, cache: ImageCache, batch_size: int, device: torch.device,
+        features: torch.Tensor | None = None, index: dict[str, int] | None = None,
+    ) -> np.ndarray:  # fmt: skip
+        """(n_rows, K) probabilities: each row holds its study's (eval mode, fixed views)."""
+        was = model.training
+        model.eval()
+        slots = self.slots(None)
+        out = np.empty((len(self), model.num_classes), dtype=np.float64)
+        with torch.inference_mode():
+            for start in range(0, len(self), batch_size):
+                idx = np.arange(start, min(start + batch_size, len(self)))
+                logits = study_logits(model, cache, slots, idx, device, features, index)
+                out[idx] = torch.sigmoid(logits.float()).cpu().numpy()
+        model.train(was)
+        return out[self.row_study]
+
+
+def study_logits(
+    model: torch.nn.Module,
+    cache: ImageCache,
+    slots: tuple[list[list[str]], np.ndarray, np.ndarray],
+    idx: np.ndarray,
+    device: torch.device,
+    features: torch.Tensor | None = None,
+    index: dict[str, int] | None = None,
+) -> torch.Tensor:
+    """Logits of the studies `idx`, from precomputed feature maps (`features[index[id]]`) or
+    from the cached pixels. Padded slots hold zeros, which the model never reads."""
+    ids, types, pad = slots
+    chosen = [ids[i] for i in idx]
+    view_type = torch.from_numpy(types[idx]).to(device)
+    pad_mask = torch.from_numpy(pad[idx]).to(device)
+    flat = [i for study in chosen for i in study]
+    real = ~pad[idx].reshape(-1)
+    if features is not None:
+        assert index is not None
+        grid = features.new_zeros((real.size, *features.shape[1:]))
+        grid[torch.from_numpy(real)] = features[torch.as_tensor([index[i] for i in flat])]
+        grid = grid.reshape(len(idx), -1, *features.shape[1:]).to(device)
+        return model.forward_features(grid, view_type, pad_mask)
+    images = np.zeros((real.size, cache.size, cache.size), dtype=np.uint8)
+    images[real] = _read_images(cache, flat)
+    x = torch.from_numpy(images.reshape(len(idx), -1, cache.size, cache.size)).to(device)
+    return model(x, view_type, pad_mask)

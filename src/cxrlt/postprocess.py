@@ -19,8 +19,10 @@ from cxrlt.errors import DataError
 
 # image: the image model's own output. mean / max over a study's images. view_group: mean
 # within frontal, within lateral and within unknown-view images, then the mean of the groups
-# present, so each view type weighs the same whatever the image counts.
-LEVELS = ("image", "mean", "max", "view_group")
+# present, so each view type weighs the same whatever the image counts. fused: the stage-2
+# fusion model's study prediction (the fuse stage).
+AGGREGATIONS = ("image", "mean", "max", "view_group")
+LEVELS = (*AGGREGATIONS, "fused")
 CALIBRATIONS = ("none", "temperature", "platt")
 # Probabilities are mapped to logits after clipping to [EPS, 1 - EPS]; float32 outputs of a
 # sigmoid lie well inside, so distinct probabilities keep distinct logits (no new ties).
@@ -45,7 +47,8 @@ def aggregate(
     level: str,
 ) -> np.ndarray:  # fmt: skip
     """(n, C) image probabilities -> (n, C) where every image holds its study's value."""
-    check_level(level, "aggregation level")
+    if level not in AGGREGATIONS:
+        raise DataError(f"aggregation level {level!r}; valid: {', '.join(AGGREGATIONS)}")
     probs = np.asarray(probs, dtype=np.float64)
     if level == "image":
         return probs.copy()
@@ -186,16 +189,22 @@ class Postprocessed:
 
 def postprocess(
     image_probs: np.ndarray, rows: pd.DataFrame, y_val: np.ndarray, classes: Sequence[str],
-    level: str, calibrate: str,
+    level: str, calibrate: str, fused: np.ndarray | None = None,
 ) -> Postprocessed:  # fmt: skip
-    """Aggregate to `level`, then calibrate per class on the rows whose split is "val".
+    """Aggregate to `level` (or take the `fused` study predictions), then calibrate per class
+    on the rows whose split is "val".
 
     `y_val` holds the labels of the val rows (in their order in `rows`) and nothing else:
     dev and test labels never reach the fit.
     """
     check_level(level)
     check_calibration(calibrate)
-    agg = aggregate(image_probs, rows["study_id"].to_numpy(), rows["view"].to_numpy(), level)
+    if level == "fused":
+        if fused is None:
+            raise ValueError("level 'fused' needs the fusion model's predictions")
+        agg = np.asarray(fused, dtype=np.float64)
+    else:
+        agg = aggregate(image_probs, rows["study_id"].to_numpy(), rows["view"].to_numpy(), level)
     val = (rows["split"] == "val").to_numpy()
     if calibrate != "none" and not val.any():
         raise DataError(f"params calibrate: {calibrate!r} is fitted on the val split, which has no rows here")

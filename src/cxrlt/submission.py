@@ -17,25 +17,31 @@ from cxrlt.io import write_csv
 
 ID_COLUMNS = ("image_id", "study_id", "patient_id", "split", "view")
 IMAGE_PREFIX = "image:"
+FUSED_PREFIX = "fused:"
 
 
 def predictions_frame(
-    rows: pd.DataFrame, classes: Sequence[str], probs: np.ndarray, image_probs: np.ndarray | None = None
+    rows: pd.DataFrame, classes: Sequence[str], probs: np.ndarray, image_probs: np.ndarray | None = None,
+    fused_probs: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """Ids of `rows` + one probability column per class (`p:<class>` keeps them apart from labels).
 
     `probs` is what is submitted (after any aggregation and calibration), kept at its own
     precision: rounding calibrated values to float32 could tie two images a strictly
     increasing map had kept apart. `image_probs`, the image model's own output, goes into
-    `image:<class>` columns, from which evaluate recomputes every aggregation level.
+    `image:<class>` columns, from which evaluate recomputes every aggregation level;
+    `fused_probs`, the fusion model's study predictions, into `fused:<class>`.
     """
-    for name, value in (("probabilities", probs), ("image probabilities", image_probs)):
+    for name, value in (("probabilities", probs), ("image probabilities", image_probs),
+                        ("fused probabilities", fused_probs)):  # fmt: skip
         if value is not None and value.shape != (len(rows), len(classes)):
             raise ValueError(f"{name} {value.shape} do not match {len(rows)} rows x {len(classes)} classes")
     out = rows.loc[:, list(ID_COLUMNS)].reset_index(drop=True).copy()
     columns = {f"p:{c}": probs[:, i] for i, c in enumerate(classes)}
     if image_probs is not None:
         columns.update({f"{IMAGE_PREFIX}{c}": image_probs[:, i].astype(np.float32) for i, c in enumerate(classes)})
+    if fused_probs is not None:
+        columns.update({f"{FUSED_PREFIX}{c}": fused_probs[:, i] for i, c in enumerate(classes)})
     return pd.concat([out, pd.DataFrame(columns)], axis=1)
 
 

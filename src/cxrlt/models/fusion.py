@@ -207,15 +207,31 @@ class FusionModel(nn.Module):
         frozen = self.cfg.freeze_backbone
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
             feats = self.backbone.forward_features(x)
+        return self._tokens(feats, real, b, v)
+
+    def _tokens(self, feats: torch.Tensor, real: torch.Tensor, b: int, v: int) -> torch.Tensor:
+        """Feature maps of the real slots -> (B, V, D, H', W') token grids, zeros when padded."""
         s = self.cfg.token_stride
         if feats.shape[-2] < s or feats.shape[-1] < s:
             raise ValueError(
                 f"feature map {tuple(feats.shape[-2:])} is smaller than token_stride={s}; use larger images or a smaller stride"
             )
-        tok = self.tokenizer(feats)
+        if self.model_cfg.channels_last:
+            feats = feats.contiguous(memory_format=torch.channels_last)
+        tok = self.tokenizer(feats.to(self.tokenizer.weight.dtype))
         grid = tok.new_zeros(b * v, *tok.shape[1:])
         grid[real] = tok
         return grid.reshape(b, v, *tok.shape[1:])
+
+    def forward_features(self, features: torch.Tensor, view_type: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
+        """Logits from the backbone's feature maps (B, V, C, h, w), computed beforehand: with a
+        frozen backbone they do not change, so stage-2 training computes them once. The
+        same function as `forward` on the pixels (a test checks)."""
+        b, v = features.shape[:2]
+        self._check_inputs(features, view_type, pad_mask)
+        real = ~pad_mask.reshape(b * v)
+        grids = self._tokens(features.reshape(b * v, *features.shape[2:])[real], real, b, v)
+        return self.fuse(grids, view_type, pad_mask)
 
     def fuse(self, grids: torch.Tensor, view_type: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
         """(B, V, D, H', W') token grids -> (B, num_classes) logits."""
