@@ -16,6 +16,7 @@ import yaml
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from cxrlt import evaluation, metrics, scoring
+from cxrlt.errors import DataError
 from cxrlt.labels import TASK2_CLASSES, frequency_groups
 from cxrlt.submission import predictions_frame, write_submission
 
@@ -516,3 +517,31 @@ def test_report_prints_interval_caveats_next_to_the_interval(base):
     lo, hi = full["test"]["ci"]["mAP_tail"]
     assert f"[{lo:.3f}, {hi:.3f}] (covers less than nominal here)" in row
     assert row.count("covers less") == 1  # dev has no caveat
+
+
+def test_levels_side_by_side_with_the_fused_row(tmp_path, no_figures):
+    """Every aggregation level is recomputed from the image: columns; the fused: columns add a
+    row; with predict.level fused the submitted mECE before calibration is the fused one."""
+    manifest = make_manifest()
+    preds = make_preds(manifest)
+    rows = preds[["study_id"]].copy()
+    image = preds[[f"image:{c}" for c in CLASSES]].to_numpy()
+    fused = pd.DataFrame(image).groupby(rows["study_id"].to_numpy()).transform("mean").to_numpy() ** 0.5
+    for j, c in enumerate(CLASSES):
+        preds[f"fused:{c}"] = fused[:, j]
+        preds[f"p:{c}"] = fused[:, j]
+    params = {**make_params(tmp_path), "predict": {"level": "fused"}}
+    summaries = evaluation.run(preds, manifest, make_info(manifest), params)
+    full = json.loads((tmp_path / "reports" / "evaluation.json").read_text())
+    for split in ("dev", "test"):
+        levels = full[split]["levels"]
+        assert list(levels) == ["image", "mean", "max", "view_group", "fused"]
+        y, _, split_rows = evaluation.aligned(preds, manifest, CLASSES, split)
+        ap = metrics.average_precision(y, split_rows[[f"fused:{c}" for c in CLASSES]].to_numpy())
+        assert levels["fused"]["mAP"] == pytest.approx(np.nanmean(ap[(y == 1).any(axis=0)]))
+        d = levels["fused"]["delta_vs_image"]["mAP"]
+        assert d["delta"] == pytest.approx(levels["fused"]["mAP"] - levels["image"]["mAP"])
+        assert summaries[split]["mECE_uncalibrated"] == levels["fused"]["mECE"] == summaries[split]["mECE"]
+    assert "| test | fused |" in (tmp_path / "reports" / "evaluation.md").read_text()
+    with pytest.raises(DataError, match="no fused: columns"):
+        evaluation.run(preds.drop(columns=[f"fused:{c}" for c in CLASSES]), manifest, make_info(manifest), params)

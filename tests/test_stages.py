@@ -218,6 +218,13 @@ def test_predict_calibrates_on_val_labels_only(workspace, capsys):
     fitted = json.loads(Path(yaml.safe_load(Path("params.yaml").read_text())["predict"]["calibration_out"]).read_text())
     assert fitted["method"] == "platt" and fitted["level"] == "view_group"
     assert set(fitted["per_class"]) == set(CLASSES)
+    # the fusion model's study predictions, submitted as they are
+    set_params(calibrate="none", **{"predict.level": "fused"})
+    run_stage(stage("predict").main)
+    fused = pd.read_parquet(PATHS["predict", "out"])
+    fused_cols = [f"fused:{c}" for c in CLASSES]
+    np.testing.assert_array_equal(fused[p_cols].to_numpy(), fused[fused_cols].to_numpy())
+    assert fused.groupby("study_id")[fused_cols].nunique().max().max() == 1
     set_params(calibrate="isotonic")
     fails_with_one_line("predict", capsys, "calibrate", "'isotonic'", "platt")
 

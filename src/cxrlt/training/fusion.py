@@ -103,7 +103,7 @@ def fit_fusion(
     table = StudyTable(manifest[manifest["split"] == "train"], classes, fcfg.max_views)
     train = table.studies
     if not train or val_rows.empty:
-        raise ValueError(f"need train and val studies, got {len(train)} and {len(val_rows)} val images")
+        raise DataError(f"fuse: need training studies and val images, got {len(train)} and {len(val_rows)}")
     val = StudyTable(val_rows, classes, fcfg.max_views)
     torch.manual_seed(seed)
     model = FusionModel(classifier, fcfg, len(classes)).to(device)
