@@ -251,10 +251,15 @@ class ImageCache:
         self.row = pd.Series(index["row"].to_numpy(), index=index["image_id"].astype(str))
         self.ok = pd.Series(index["ok"].to_numpy(), index=index["image_id"].astype(str))
         self.size = int(self.images.shape[-1])
+        # A plain dict: Index.isin on arrow strings scans the whole index per call, which
+        # made batched reads (prediction, stage 2) spend most of their time looking up rows.
+        self._row_of: dict[str, int] = dict(zip(self.row.index, self.row.to_numpy().tolist(), strict=True))
 
     def rows(self, image_ids: pd.Series | list[str]) -> np.ndarray:
-        ids = pd.Index([str(i) for i in image_ids])
-        missing = ~ids.isin(self.row.index)
-        if missing.any():
-            raise DataError(f"image_id {ids[missing][0]!r} is not in the cache (rebuild it: dvc repro cache)")
-        return self.row.loc[ids].to_numpy()
+        out = np.empty(len(image_ids), dtype=np.int64)
+        for k, i in enumerate(image_ids):
+            row = self._row_of.get(str(i))
+            if row is None:
+                raise DataError(f"image_id {str(i)!r} is not in the cache (rebuild it: dvc repro cache)")
+            out[k] = row
+        return out
