@@ -160,6 +160,16 @@ def test_a_missing_params_key_is_named(workspace, capsys):
     fails_with_one_line("evaluate", capsys, "params.yaml", "not valid YAML")
 
 
+@pytest.mark.parametrize(("name", "key"), [
+    ("predict", "cache.dir"), ("train", "train.live_dir"), ("fuse", "fuse.checkpoint"),
+])  # fmt: skip
+def test_every_stage_names_a_missing_params_key(workspace, capsys, name, key):
+    """Stages read params with plain indexing; a missing key is still one line naming it."""
+    save_tiny_checkpoint(PATHS["train", "checkpoint"], pd.read_parquet(PATHS["data", "manifest"]))
+    set_params(**{key: None})
+    fails_with_one_line(name, capsys, "params.yaml", f"'{key}'")
+
+
 # --- the submission follows the task ----------------------------------------------------------
 
 

@@ -23,7 +23,43 @@ def load_params(path: str | os.PathLike = "params.yaml") -> dict[str, Any]:
             raise DataError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
     if not isinstance(params, Mapping):
         raise DataError(f"{path}: expected a mapping at the top level")
-    return dict(params)
+    return Params(params)
+
+
+class MissingParamError(DataError, KeyError):
+    """A key a stage reads is absent from params.yaml. A KeyError too, so code that falls
+    back on KeyError keeps working; a DataError, so the stage prints one line naming it."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+class Params(dict):
+    """params.yaml as the stages read it: `params["train"]["crt"]["lr"]` on a file without
+    that key fails with one line naming `train.crt.lr` instead of a bare KeyError traceback.
+
+    Nested sections are wrapped on access (a shallow view; the stages only read params).
+    Checkpoints store plain dicts (`training.fit._plain`), so no Params object reaches a file.
+    """
+
+    def __init__(self, data: Mapping[str, Any] = (), path: str = ""):
+        super().__init__(data)
+        self._path = path
+
+    def _where(self, key: object) -> str:
+        return f"{self._path}.{key}" if self._path else str(key)
+
+    def __getitem__(self, key: str) -> Any:
+        try:
+            value = super().__getitem__(key)
+        except KeyError:
+            raise MissingParamError(f"params.yaml: missing key {self._where(key)!r}") from None
+        if isinstance(value, dict) and not isinstance(value, Params):
+            return Params(value, self._where(key))
+        return value
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self[key] if key in self else default  # noqa: SIM401 (wraps nested sections)
 
 
 def section(params: Mapping[str, Any], key: str) -> Any:
