@@ -82,7 +82,7 @@ class Holder:
     def claimed(self) -> str:
         """The holder's claimed ids, after checking what it and its child see."""
         words = self.line().split()
-        assert words[0] == "claimed", words
+        assert len(words) == 4 and words[0] == "claimed", words
         _, ids, visible, child = words
         assert visible == ids  # CUDA_VISIBLE_DEVICES in the holder: its claim
         assert child == f"{ids}/{ids}"  # the child sees the same GPUs and claims nothing more
@@ -225,6 +225,19 @@ def test_bad_environment_is_one_clear_error(locks, monkeypatch):
     monkeypatch.setenv("CXRLT_GPU_CLAIM", "1")
     monkeypatch.setenv("CXRLT_GPU_WAIT_S", "soon")
     with pytest.raises(DataError, match="CXRLT_GPU_WAIT_S='soon'"), claim_gpus(1, "t", "k"):
+        pass
+
+
+def test_bad_lock_dir_is_one_clear_error(locks, tmp_path, monkeypatch):
+    locks.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep")
+    (locks / "gpu-0.lock").symlink_to(victim)  # a planted link is refused, never written through
+    with pytest.raises(DataError, match=r"GPU lock file .*gpu-0.lock: cannot open it"), claim_gpus(1, "t", "k"):
+        pass
+    assert victim.read_text() == "keep"
+    monkeypatch.setenv("CXRLT_GPU_LOCK_DIR", str(victim / "locks"))  # a file where a folder should be
+    with pytest.raises(DataError, match=r"GPU lock dir .*victim.txt/locks: cannot create it"), claim_gpus(1, "t", "k"):
         pass
 
 

@@ -129,11 +129,15 @@ def _try_lock(path: Path) -> int | None:
     """
     import fcntl
 
-    flags = os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    flags = os.O_NOFOLLOW | os.O_CLOEXEC  # O_NOFOLLOW: a planted symlink is refused, not written
     try:
-        fd = os.open(path, os.O_RDWR | flags, 0o666)
-    except PermissionError:  # a shared lock dir with another user's file: a read fd locks too
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | flags, 0o666)
+        except PermissionError:  # a shared lock dir with another user's file: a read fd locks too
+            fd = os.open(path, os.O_RDONLY | flags)
+    except OSError as e:
+        raise DataError(f"GPU lock file {path}: cannot open it ({e.strerror}; set {ENV_LOCK_DIR} "
+                        "to a directory of your own)") from None  # fmt: skip
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -180,8 +184,8 @@ def claim_gpus(count: int, stage: str, key: str, *, timeout_s: float | None = No
                poll_s: float = 2.0) -> Iterator[list[str]]:  # fmt: skip
     """Hold `count` free GPUs (ALL: every candidate) for the block; yield their ids.
 
-    Yields [] and changes nothing when `count` is 0, claims are off, there is no GPU, or a
-    launcher placed this process; yields the parent's ids in a child of a claiming process.
+    Yields [] and changes nothing when `count` is 0, claims are off, there is no GPU, a
+    launcher placed this process, or the system has no flock (not POSIX); yields the parent's ids in a child of a claiming process.
     When too few GPUs are free it releases what it took (two runs each holding half of what
     they need would wait for ever), waits `poll_s` and tries again, up to `timeout_s`
     (default CXRLT_GPU_WAIT_S). `key` is the params entry that asked, for the messages.
@@ -189,7 +193,7 @@ def claim_gpus(count: int, stage: str, key: str, *, timeout_s: float | None = No
     if ENV_HELD in os.environ:
         yield _id_list(os.environ[ENV_HELD])
         return
-    if count == 0 or not enabled() or _placed_by_launcher():
+    if count == 0 or not enabled() or _placed_by_launcher() or os.name != "posix":
         yield []
         return
     gpus = candidate_gpus()
@@ -225,8 +229,8 @@ def claim_gpus(count: int, stage: str, key: str, *, timeout_s: float | None = No
             os.close(fd)
         waited = time.monotonic() - start
         if waited >= limit:
-            raise DataError(f"{stage}: {want} free GPU(s) wanted (params {key}), none came free in "
-                            f"{waited:.0f} s: {_busy_text(directory, busy)}; lock dir {directory} "
+            raise DataError(f"{stage}: {want} free GPU(s) wanted (params {key}), {len(gpus) - len(busy)} "
+                            f"free after {waited:.0f} s: {_busy_text(directory, busy)}; lock dir {directory} "
                             f"(wait longer with {ENV_WAIT}, or {ENV_CLAIM}=0 to not claim)")  # fmt: skip
         if time.monotonic() >= next_note:  # say why the stage is idle, then every 10 minutes
             log.warning("%s: waiting for %d free GPU(s) of %s: %s; lock dir %s", stage, want,
