@@ -232,10 +232,12 @@ def test_bad_lock_dir_is_one_clear_error(locks, tmp_path, monkeypatch):
     locks.mkdir()
     victim = tmp_path / "victim.txt"
     victim.write_text("keep")
-    (locks / "gpu-0.lock").symlink_to(victim)  # a planted link is refused, never written through
-    with pytest.raises(DataError, match=r"GPU lock file .*gpu-0.lock: cannot open it"), claim_gpus(1, "t", "k"):
+    (locks / "gpu-1.lock").symlink_to(victim)  # a planted link is refused, never written through
+    with pytest.raises(DataError, match=r"GPU lock file .*gpu-1.lock: cannot open it"), claim_gpus(2, "t", "k"):
         pass
     assert victim.read_text() == "keep"
+    with claim_gpus(1, "t", "k", timeout_s=0) as ids:  # GPU 0, taken before the error, was let go
+        assert ids == ["0"]
     monkeypatch.setenv("CXRLT_GPU_LOCK_DIR", str(victim / "locks"))  # a file where a folder should be
     with pytest.raises(DataError, match=r"GPU lock dir .*victim.txt/locks: cannot create it"), claim_gpus(1, "t", "k"):
         pass

@@ -185,7 +185,8 @@ def claim_gpus(count: int, stage: str, key: str, *, timeout_s: float | None = No
     """Hold `count` free GPUs (ALL: every candidate) for the block; yield their ids.
 
     Yields [] and changes nothing when `count` is 0, claims are off, there is no GPU, a
-    launcher placed this process, or the system has no flock (not POSIX); yields the parent's ids in a child of a claiming process.
+    launcher placed this process, or the system has no flock (not POSIX); yields the
+    parent's ids in a child of a claiming process.
     When too few GPUs are free it releases what it took (two runs each holding half of what
     they need would wait for ever), waits `poll_s` and tries again, up to `timeout_s`
     (default CXRLT_GPU_WAIT_S). `key` is the params entry that asked, for the messages.
@@ -215,14 +216,19 @@ def claim_gpus(count: int, stage: str, key: str, *, timeout_s: float | None = No
     while True:
         held: dict[str, int] = {}
         busy: list[str] = []
-        for gpu in gpus:
-            if len(held) == want:
-                break
-            fd = _try_lock(_lock_file(directory, gpu))
-            if fd is None:
-                busy.append(gpu)
-            else:
-                held[gpu] = fd
+        try:
+            for gpu in gpus:
+                if len(held) == want:
+                    break
+                fd = _try_lock(_lock_file(directory, gpu))
+                if fd is None:
+                    busy.append(gpu)
+                else:
+                    held[gpu] = fd
+        except DataError:
+            for fd in held.values():
+                os.close(fd)
+            raise
         if len(held) == want:
             break
         for fd in held.values():
@@ -237,14 +243,14 @@ def claim_gpus(count: int, stage: str, key: str, *, timeout_s: float | None = No
                         ",".join(gpus), _busy_text(directory, busy), directory)  # fmt: skip
             next_note = time.monotonic() + 600
         time.sleep(min(poll_s, max(limit - waited, 0.0)))
-    for fd in held.values():
-        _write_holder(fd, stage)
     ids = list(held)
     before = {var: os.environ.get(var) for var in ("CUDA_VISIBLE_DEVICES", ENV_HELD)}
-    os.environ["CUDA_VISIBLE_DEVICES"] = os.environ[ENV_HELD] = ",".join(ids)
-    log.info("%s: claimed GPU %s (CUDA_VISIBLE_DEVICES=%s; lock dir %s)", stage, ",".join(ids),
-             ",".join(ids), directory)  # fmt: skip
     try:
+        for fd in held.values():
+            _write_holder(fd, stage)
+        os.environ["CUDA_VISIBLE_DEVICES"] = os.environ[ENV_HELD] = ",".join(ids)
+        log.info("%s: claimed GPU %s (CUDA_VISIBLE_DEVICES=%s; lock dir %s)", stage,
+                 ",".join(ids), ",".join(ids), directory)  # fmt: skip
         yield ids
     finally:
         for var, value in before.items():
