@@ -1,11 +1,13 @@
 """Stage fuse: train the study-level multi-view fusion model on the stage-1 backbone."""
 
+from cxrlt.gpus import claims_gpus
 from cxrlt.labels import training_classes
 from cxrlt.params import load_params, section
 from cxrlt.stage import read_parquet, run_stage
 from cxrlt.training.fusion import fit_fusion, fuse_settings
 
 
+@claims_gpus("fuse")
 def main() -> None:
     params = load_params()
     fuse_settings(params)  # bad settings fail before any data loads

@@ -9,6 +9,7 @@ outputs, from which evaluate compares every level; the calibration goes to its o
 from cxrlt.data.cache import ImageCache
 from cxrlt.data.manifest import label_matrix
 from cxrlt.errors import DataError
+from cxrlt.gpus import claims_gpus
 from cxrlt.inference import (
     StudyTable,
     load_checkpoint,
@@ -23,6 +24,7 @@ from cxrlt.stage import read_parquet, run_stage
 from cxrlt.submission import predictions_frame, submission_path, write_submission
 
 
+@claims_gpus("predict")
 def main() -> None:
     params = load_params()
     p = params["predict"]

@@ -1,11 +1,13 @@
 """Stage train: fit the image-level classifier (loss, model, schedule from params)."""
 
+from cxrlt.gpus import claims_gpus
 from cxrlt.labels import training_classes
 from cxrlt.params import load_params
 from cxrlt.stage import read_parquet, run_stage
 from cxrlt.training.fit import fit
 
 
+@claims_gpus("train")
 def main() -> None:
     params = load_params()
     classes = list(training_classes(params["task"]))
