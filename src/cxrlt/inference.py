@@ -3,7 +3,10 @@
 The model runs in eval mode, so an image's prediction never depends on its batch-mates
 (BatchNorm uses running statistics); a test pins this. Checkpoints are read with
 `weights_only=True`: unpickling may build tensors and plain containers only, so a crafted
-file cannot run code; anything else is refused with one line naming the file.
+file cannot run code; anything else is refused with one line naming the file. Weights load
+with strict key matching, and a mismatch lists the missing, unexpected and mis-shaped keys.
+The one allowed departure is explicit: `load_checkpoint_for_labels` gives a head with
+label-text queries another label set (its query embeddings are replaced, nothing trained is).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import os
 import pickle
 import re
 import zipfile
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -21,6 +25,7 @@ import torch
 from cxrlt.data.cache import ImageCache
 from cxrlt.errors import DataError
 from cxrlt.models import Classifier, ModelConfig
+from cxrlt.models.heads import MLDecoderHead
 
 REQUIRED_KEYS = ("state_dict", "model", "classes")
 
@@ -28,6 +33,27 @@ REQUIRED_KEYS = ("state_dict", "model", "classes")
 def _one_line(exc: BaseException, limit: int = 300) -> str:
     text = re.sub(r"\s+", " ", str(exc)).strip() or type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _keys(keys: list[str], limit: int = 6) -> str:
+    shown = ", ".join(keys[:limit])
+    return f"{shown}, ... ({len(keys) - limit} more)" if len(keys) > limit else shown
+
+
+def state_dict_mismatch(model: torch.nn.Module, state: Mapping[str, Any]) -> str | None:
+    """None when `state` fits `model` key for key and shape for shape, else one line listing
+    the missing, unexpected and mis-shaped keys (torch's own message is long and multi-line)."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [
+        f"{k} {tuple(getattr(state[k], 'shape', ()))} in the file, {tuple(v.shape)} in the model"
+        for k, v in expected.items()
+        if k in state and tuple(getattr(state[k], "shape", ())) != tuple(v.shape)
+    ]
+    parts = [f"{label} ({len(keys)}): {_keys(keys)}" for label, keys in
+             (("Missing keys", missing), ("Unexpected keys", unexpected), ("size mismatch", shapes)) if keys]  # fmt: skip
+    return "; ".join(parts) or None
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> tuple[Classifier, dict[str, Any]]:
@@ -50,10 +76,20 @@ def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> tuple
         raise DataError(f"{bad}: missing keys {missing}")
     if not isinstance(ckpt["model"], dict) or not isinstance(ckpt["classes"], list):
         raise DataError(f"{bad}: 'model' must be a dict and 'classes' a list")
+    state = ckpt["state_dict"]
+    fit = f"{bad}: the weights do not fit its model config"
     try:
         cfg = ModelConfig(**{**ckpt["model"], "pretrained": False})
-        model = Classifier(cfg, len(ckpt["classes"]))
-        model.load_state_dict(ckpt["state_dict"], strict=True)
+        # Text queries are a buffer of the head: the checkpoint carries its own.
+        text = isinstance(cfg.head_args, dict) and cfg.head_args.get("queries") == "text"
+        queries = state.get("head.query_embeddings") if text and isinstance(state, dict) else None
+        if text and queries is None:
+            raise DataError(f"{fit}: Missing keys (1): head.query_embeddings (model.head_args.queries is text)")
+        model = Classifier(cfg, len(ckpt["classes"]), queries)
+        mismatch = state_dict_mismatch(model, state) if isinstance(state, dict) else "state_dict is not a dict"
+        if mismatch:
+            raise DataError(f"{fit}: {mismatch}")
+        model.load_state_dict(state, strict=True)
     except DataError:
         raise
     except (TypeError, ValueError, RuntimeError, KeyError, AttributeError) as exc:
@@ -62,6 +98,43 @@ def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> tuple
     model.eval()
     info = {k: v for k, v in ckpt.items() if k != "state_dict"}
     return model, info
+
+
+def load_checkpoint_for_labels(
+    path: str | os.PathLike,
+    classes: Sequence[str],
+    embeddings: torch.Tensor,
+    recipe: Mapping[str, Any] | None = None,
+    map_location: str = "cpu",
+) -> tuple[Classifier, dict[str, Any]]:
+    """A checkpoint whose head has label-text queries, made to score `classes` (e.g. Task 3's,
+    never seen in training) from their `embeddings` (K', E).
+
+    Every trained weight loads strictly first (`load_checkpoint`); only then are the query
+    embeddings, a fixed buffer, replaced. `recipe` (`LabelEmbeddings.recipe`) must match the
+    one the model was trained with: vectors from another encoder or other templates would go
+    through a projection that never saw their like.
+    """
+    model, info = load_checkpoint(path, map_location)
+    head = model.head
+    if not isinstance(head, MLDecoderHead) or head.query_embeddings is None:
+        raise DataError(f"checkpoint {path}: its head ({model.cfg.head}) has no label-text queries, "
+                        f"so it scores only its own {len(info['classes'])} classes; train with "
+                        "model.head: ml_decoder and model.head_args.queries: text")  # fmt: skip
+    if embeddings.dim() != 2 or embeddings.shape[0] != len(classes):
+        raise DataError(f"{len(classes)} classes need embeddings of shape ({len(classes)}, E), "
+                        f"got {tuple(embeddings.shape)}")  # fmt: skip
+    trained = info.get("label_embeddings")
+    if recipe is not None and isinstance(trained, Mapping):
+        differ = [k for k in recipe if trained.get(k) != recipe[k]]
+        if differ:
+            raise DataError(f"checkpoint {path} was trained with other label embeddings: "
+                            f"{', '.join(differ)} differ; embed the new classes as before")  # fmt: skip
+    try:
+        model.set_query_embeddings(embeddings)
+    except ValueError as exc:
+        raise DataError(f"checkpoint {path}: {_one_line(exc)}") from None
+    return model, {**info, "classes": list(classes), "trained_classes": list(info["classes"])}
 
 
 def load_fusion_checkpoint(path: str | os.PathLike) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -80,6 +153,9 @@ def load_fusion_checkpoint(path: str | os.PathLike) -> tuple[torch.nn.Module, di
     try:
         classifier = Classifier(ModelConfig(**{**ckpt["model"], "pretrained": False}), len(ckpt["classes"]))
         model = FusionModel(classifier, FusionConfig(**ckpt["fusion"]), len(ckpt["classes"]))
+        mismatch = state_dict_mismatch(model, ckpt["state_dict"])
+        if mismatch:
+            raise DataError(mismatch)
         model.load_state_dict(ckpt["state_dict"], strict=True)
     except (TypeError, ValueError, RuntimeError, KeyError, AttributeError, DataError) as exc:
         raise DataError(f"checkpoint {path}: the weights do not fit its fusion config: {_one_line(exc)}") from None

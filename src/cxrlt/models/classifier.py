@@ -9,7 +9,9 @@ import torch
 from torch import nn
 
 from cxrlt.errors import DataError
-from cxrlt.models.heads import build_head
+from cxrlt.models.heads import MLDecoderHead, build_head
+
+QUERIES = ("learned", "text")  # model.head_args.queries of the ml_decoder head
 
 
 @dataclass(frozen=True)
@@ -93,15 +95,36 @@ def normalise_pixels(x: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     return x
 
 
+def head_kwargs(cfg: ModelConfig, query_embeddings: torch.Tensor | None) -> dict[str, Any]:
+    """`cfg.head_args` for the head builder. `queries: text` is the one entry that is not a
+    builder argument: it says that the head's class queries are fixed label-text embeddings,
+    which are a tensor and so come from the caller (training: the embed stage's file; loading:
+    the checkpoint), never from params.yaml."""
+    args = dict(cfg.head_args)
+    queries = args.pop("queries", "learned")
+    if queries not in QUERIES:
+        raise DataError(f"params model.head_args.queries: {queries!r}; valid: {', '.join(QUERIES)}")
+    if queries == "text":
+        if cfg.head != "ml_decoder":
+            raise DataError(f"params model.head_args.queries: text needs model.head: ml_decoder, got {cfg.head!r}")
+        if query_embeddings is None:
+            raise DataError("params model.head_args.queries is text, but no label embeddings were given "
+                            "(training reads them from params text.out, written by the embed stage)")  # fmt: skip
+        args["query_embeddings"] = query_embeddings
+    elif query_embeddings is not None:
+        raise ValueError("query_embeddings were given, but model.head_args.queries is not text")
+    return args
+
+
 class Classifier(nn.Module):
-    def __init__(self, cfg: ModelConfig, num_classes: int):
+    def __init__(self, cfg: ModelConfig, num_classes: int, query_embeddings: torch.Tensor | None = None):
         super().__init__()
         self.cfg = cfg
         self.num_classes = num_classes
         self.backbone = create_backbone(cfg)
         self.unused_backbone_params = freeze_unused(self.backbone, cfg.in_chans)
         self.num_features = int(self.backbone.num_features)
-        self.head = build_head(cfg.head, self.num_features, num_classes, **cfg.head_args)
+        self.head = build_head(cfg.head, self.num_features, num_classes, **head_kwargs(cfg, query_embeddings))
         if cfg.channels_last:
             self.to(memory_format=torch.channels_last)
 
@@ -119,6 +142,13 @@ class Classifier(nn.Module):
             x = self.normalise(x)
         return self.head(self.features(x))
 
+    def set_query_embeddings(self, emb: torch.Tensor) -> None:
+        """Score another label set (K', E) with the trained weights (text-query heads only)."""
+        if not isinstance(self.head, MLDecoderHead):
+            raise ValueError(f"set_query_embeddings needs the ml_decoder head, not {self.cfg.head!r}")
+        self.head.set_query_embeddings(emb)
+        self.num_classes = self.head.num_classes
 
-def build_model(cfg: ModelConfig, num_classes: int) -> Classifier:
-    return Classifier(cfg, num_classes)
+
+def build_model(cfg: ModelConfig, num_classes: int, query_embeddings: torch.Tensor | None = None) -> Classifier:
+    return Classifier(cfg, num_classes, query_embeddings)

@@ -28,6 +28,7 @@ from cxrlt.data.manifest import label_matrix
 from cxrlt.errors import DataError
 from cxrlt.io import atomic_path
 from cxrlt.models import ModelConfig
+from cxrlt.text.embeddings import text_queries
 from cxrlt.training.augment import AugmentConfig
 from cxrlt.training.crt import CRTConfig, retrain_classifier
 from cxrlt.training.data import CachedImages, Loaders, keep_cached
@@ -147,6 +148,7 @@ def train_model(
     counts, n_train = train_counts(manifest, classes)
     prevalence = counts / n_train
     model_cfg = ModelConfig.from_params(dict(params["model"]))
+    queries = text_queries(params, classes)  # None unless model.head_args.queries is text
     module = ImageClassifierModule(
         model_cfg=model_cfg,
         classes=classes,
@@ -159,6 +161,7 @@ def train_model(
         counts=counts,
         drw_epoch=drw_epoch,
         ema_decay=ema_decay,
+        query_embeddings=None if queries is None else queries.vectors,
     )
     workers = int(tp.get("num_workers", 0))
     bs = int(tp["batch_size"])
@@ -213,6 +216,8 @@ def train_model(
         "epoch_length": sampler.epoch_length,
         "seed": seed,
     }
+    if queries is not None:  # what a new label set's embeddings must match (zero-shot scoring)
+        info["label_embeddings"] = {**queries.recipe, "file": str(params["text"]["out"])}
     if crt.epochs > 0:  # recorded only when on: the default checkpoint stays as it was
         info["crt"] = retrain_classifier(
             module.model, module.criterion, train_set, val_set, classes, crt,

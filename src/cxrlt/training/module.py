@@ -57,10 +57,11 @@ class ImageClassifierModule(L.LightningModule):
         counts: np.ndarray | None = None,
         drw_epoch: int | None = None,
         ema_decay: float = 0.0,
+        query_embeddings: torch.Tensor | None = None,
     ):
         super().__init__()
         self.classes = list(classes)
-        self.model = build_model(model_cfg, len(self.classes))
+        self.model = build_model(model_cfg, len(self.classes), query_embeddings)
         self.criterion = build_loss(loss, loss_settings, prevalence, counts)
         if drw_epoch is not None and not (
             isinstance(self.criterion, WeightedLoss) and self.criterion.has_weights
