@@ -3,6 +3,7 @@
 from cxrlt.data.manifest import summary, validate_manifest
 from cxrlt.data.mimic import read_cxrlt
 from cxrlt.data.splits import patient_val_split
+from cxrlt.errors import DataError
 from cxrlt.io import write_parquet
 from cxrlt.labels import training_classes
 from cxrlt.params import load_params
@@ -13,6 +14,9 @@ def main() -> None:
     params = load_params()
     data, split = params["data"], params["split"]
     task = params["task"]
+    if task == "task3":
+        raise DataError("params task: task3 is zero-shot: the zeroshot stage answers it in every run "
+                        "(learning from the Task 1 labels) and writes its submission; set task: task1 or task2")
     classes = list(training_classes(task))
     df = read_cxrlt(data["cxrlt_root"], data["mimic_root"], task, check_files=bool(data["check_files"]),
                     files=data.get("files"))

@@ -251,7 +251,18 @@ def _interpolate(text: str, params: dict) -> str:
     return re.sub(r"\$\{([^}]+)\}", value, text)
 
 
-@pytest.mark.parametrize("task", ["task1", "task2", "task3"])
+def test_task3_is_the_zeroshot_stage(workspace, capsys):
+    """Task 3 has no training labels: asking the supervised pipeline for it is one line
+    that says where its answer comes from; the zeroshot stage declares that file."""
+    set_params(task="task3")
+    fails_with_one_line("prepare", capsys, "task3", "zeroshot")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    zeroshot = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["zeroshot"]
+    outs = [_interpolate(o if isinstance(o, str) else next(iter(o)), params) for o in zeroshot["outs"]]
+    assert str(submission_path(params["predict"]["submission_dir"], "task3")) in outs
+
+
+@pytest.mark.parametrize("task", ["task1", "task2"])
 def test_dvc_yaml_declares_the_submission_the_code_writes(task):
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["task"] = task

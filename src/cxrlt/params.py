@@ -39,7 +39,7 @@ class Params(dict):
     that key fails with one line naming `train.crt.lr` instead of a bare KeyError traceback.
 
     Nested sections are wrapped on access (a shallow view; the stages only read params).
-    Checkpoints store plain dicts (`training.fit._plain`), so no Params object reaches a file.
+    Checkpoints store plain dicts (`cxrlt.checkpoint._plain`), so no Params object reaches a file.
     """
 
     def __init__(self, data: Mapping[str, Any] = (), path: str = ""):

@@ -9,13 +9,11 @@ rank ends with the same weights whatever their buffers did. Rank 0 writes the ch
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -23,10 +21,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from cxrlt.checkpoint import _plain, save_checkpoint  # noqa: F401 (re-exported)
 from cxrlt.data.cache import ImageCache
 from cxrlt.data.manifest import label_matrix
 from cxrlt.errors import DataError
-from cxrlt.io import atomic_path
 from cxrlt.models import ModelConfig
 from cxrlt.text.embeddings import text_queries
 from cxrlt.training.augment import AugmentConfig
@@ -235,29 +233,3 @@ def _schedules(tp: Mapping[str, Any]) -> tuple[int | None, float]:
     if isinstance(ema, bool) or not isinstance(ema, int | float) or not 0 <= ema < 1:
         raise DataError(f"params train.ema_decay must be 0 (off) or in (0, 1), got {ema!r}")
     return drw, float(ema)
-
-
-def _plain(value: Any, where: str) -> Any:
-    """Plain Python data (numpy scalars and arrays converted), so the checkpoint loads with
-    torch.load(weights_only=True), which refuses any other object."""
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if value is None or isinstance(value, (str, bool, int, float)):
-        return value
-    if isinstance(value, Mapping):
-        return {k: _plain(v, f"{where}.{k}") for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_plain(v, f"{where}[{i}]") for i, v in enumerate(value))
-    raise TypeError(f"checkpoint {where}: {type(value).__name__} is not plain data")
-
-
-def save_checkpoint(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
-    """Atomic and byte-reproducible: torch.save names its zip folder after the file, so the
-    archive is built in memory (fixed name) rather than in a randomly named temp file."""
-    buffer = io.BytesIO()
-    torch.save({"state_dict": state_dict, **_plain(dict(info), "info")}, buffer)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path, suffix=".pt") as tmp:
-        tmp.write_bytes(buffer.getvalue())

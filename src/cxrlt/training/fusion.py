@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from cxrlt.checkpoint import save_checkpoint
 from cxrlt.data.cache import ImageCache
 from cxrlt.errors import DataError
 from cxrlt.inference import (
@@ -35,7 +36,6 @@ from cxrlt.losses import build_loss
 from cxrlt.metrics import average_precision
 from cxrlt.models.fusion import FusionConfig, FusionModel
 from cxrlt.training.data import keep_cached
-from cxrlt.training.fit import save_checkpoint
 
 
 @dataclass(frozen=True)
