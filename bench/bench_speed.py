@@ -32,6 +32,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="passes per method; the fastest counts")
     ap.add_argument("--workers", type=int, default=2, help="processes of the parallel build rows")
     ap.add_argument("--noise", type=float, default=2.0, help="grey levels of pixel noise (sets JPEG size)")
+    ap.add_argument("--loader-images", type=int, default=256, help="images per timed loader pass")
     ap.add_argument("--gpu-steps", type=int, default=20)
     ap.add_argument("--out", help="also write the table here (markdown)")
     args = ap.parse_args()
@@ -45,7 +46,7 @@ def main() -> None:
         for size in sizes:
             build, ref_dir, jpeg_dir = bench_build(paths, size, work, args.workers, args.repeats)
             rows += build + bench_size(size, ref_dir, work)
-            rows += bench_loader(size, ref_dir, work, repeats=args.repeats)
+            rows += bench_loader(size, ref_dir, work, min_images=args.loader_images, repeats=args.repeats)
             caches[size] = jpeg_dir
         try:
             import torch
