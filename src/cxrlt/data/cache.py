@@ -12,8 +12,10 @@ Building it:
 - two decoders (`cache.decoder`): `pil` (default) decodes JPEGs at reduced scale (PIL draft
   mode: DCT scaling to 1/2, 1/4, 1/8) before an antialiased bilinear resize; `cv2` lets
   libjpeg-turbo pick the largest DCT reduction that still covers the long side and area-
-  averages the rest (OpenCV), the faster of the two on large originals (`bench/bench_speed.py`).
-  They give different pixels (within a few grey levels), so switching rebuilds the cache;
+  averages the rest (OpenCV). Both are ~2.5-3x the reference path at 1024 px and within the
+  benchmark's noise of each other (`bench/bench_speed.py`): decoding the entropy-coded data,
+  which no DCT scaling avoids, is most of the time. They give different pixels (within a few
+  grey levels), so switching rebuilds the cache;
 - several processes, a progress bar;
 - resumable: rows are written into a partial memmap (or appended to a partial bytes file whose
   table is saved with each checkpoint) beside a done-mask, so a killed build continues where
