@@ -54,7 +54,7 @@ def main() -> None:
 
     def split(name: str) -> tuple[torch.Tensor, np.ndarray]:
         part = manifest[manifest["split"] == name]
-        x = torch.from_numpy(np.stack([np.asarray(cache.images[r]) for r in cache.rows(part["image_id"])]))
+        x = torch.from_numpy(cache.read(cache.rows(part["image_id"])))
         return x, label_matrix(part, classes)
 
     x_train, y_train = split("train")

@@ -1,4 +1,5 @@
-"""Stage cache: decode and resize every manifest image once into a memory-mapped array.
+"""Stage cache: decode and resize every manifest image once into the image cache
+(`cache.format`: a memory-mapped array, or JPEG/PNG bytes in one indexed file).
 
 `python stages/cache.py [--manifest M --out DIR]`: the CXR-LT manifest into `cache.dir` by
 default; the external sources pass their own manifest and folder.
@@ -25,7 +26,8 @@ def main() -> None:
                             "prepare_external" if args.manifest else "prepare")
     report = build_cache(manifest, out, int(c["size"]), workers=int(c["workers"]),
                          on_error=c["on_error"], partial_dir=f"data/tmp/cache-partial/{Path(out).name}",
-                         bits_stored=section(params, "cache.bits_stored"))
+                         bits_stored=section(params, "cache.bits_stored"), decoder=section(params, "cache.decoder"),
+                         fmt=section(params, "cache.format"), quality=section(params, "cache.quality"))
     print(f"cache {manifest_path}: {report.n_images} images at {report.size}px in {report.seconds:.1f}s "
           f"({report.images_per_second:.0f} img/s), {len(report.failed)} unreadable -> {out}")
 

@@ -326,7 +326,7 @@ def test_caches_of_the_three_manifests(tmp_path: Path, manifests: dict[str, pd.D
                              partial_dir=tmp_path / "partial")  # fmt: skip
         assert report.n_images == len(df) and not report.failed
         cache = ImageCache(tmp_path / name)
-        images = cache.images[cache.rows(df["image_id"])]
+        images = cache.read(cache.rows(df["image_id"]))
         assert images.shape == (len(df), 32, 32)
         assert (images.reshape(len(df), -1).std(axis=1) > 5).all(), name  # real pictures
 

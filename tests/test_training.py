@@ -267,7 +267,7 @@ def test_crt_features_are_what_the_head_sees(prepared):
     feats = head_inputs(model, data, batch_size=5)
     assert feats.shape[2:] == (1, 1)
     torch.testing.assert_close(feats, head_inputs(model, data, batch_size=64), rtol=0, atol=1e-6)
-    x = torch.from_numpy(np.asarray(data.images[data.rows]))
+    x = torch.from_numpy(data.cache.read(data.rows))
     with torch.no_grad():
         torch.testing.assert_close(model.head(feats), model(x), rtol=1e-5, atol=1e-5)
 

@@ -205,10 +205,7 @@ def predict(
     out = np.empty((len(rows), model.num_classes), dtype=np.float32)
     for start in range(0, len(rows), batch_size):
         idx = rows[start : start + batch_size]
-        order = np.argsort(idx)  # memmap reads are faster in file order
-        batch = np.empty((len(idx), cache.size, cache.size), dtype=np.uint8)
-        batch[order] = cache.images[idx[order]]
-        x = torch.from_numpy(batch).to(device)
+        x = cache.read_tensor(idx, device)
         p = torch.sigmoid(model(x).float())
         if tta_hflip:
             p = 0.5 * (p + torch.sigmoid(model(torch.flip(x, dims=[-1])).float()))
@@ -221,12 +218,8 @@ def predict(
 
 
 def _read_images(cache: ImageCache, image_ids: list[str]) -> np.ndarray:
-    """(n, S, S) uint8 pixels of `image_ids`, read from the memmap in file order."""
-    rows = cache.rows(image_ids)
-    order = np.argsort(rows)
-    out = np.empty((len(rows), cache.size, cache.size), dtype=np.uint8)
-    out[order] = cache.images[rows[order]]
-    return out
+    """(n, S, S) uint8 pixels of `image_ids`."""
+    return cache.read(cache.rows(image_ids))
 
 
 @torch.no_grad()
@@ -239,7 +232,7 @@ def image_features(
     model.eval()
     parts = []
     for start in range(0, len(image_ids), batch_size):
-        x = torch.from_numpy(_read_images(cache, image_ids[start : start + batch_size])).to(device)
+        x = cache.read_tensor(cache.rows(image_ids[start : start + batch_size]), device)
         x = model.normalise(x.unsqueeze(1))[:, 0].to(model.tokenizer.weight.dtype)
         if model.model_cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

@@ -63,9 +63,7 @@ def head_inputs(model: Classifier, data: CachedImages, batch_size: int = 256) ->
     pool = isinstance(model.head, LinearHead)
     parts = []
     for start in range(0, len(data), batch_size):
-        idx = np.sort(data.rows[start : start + batch_size])
-        order = np.argsort(np.argsort(data.rows[start : start + batch_size]))
-        x = torch.from_numpy(np.asarray(data.images[idx])[order]).to(device)
+        x = data.cache.read_tensor(data.rows[start : start + batch_size], device)
         f = model.features(model.normalise(x)).float()
         parts.append((f.mean(dim=(2, 3), keepdim=True) if pool else f).contiguous().cpu())
     model.train(was_training)

@@ -18,7 +18,7 @@ class CachedImages(Dataset):
     """Images of a manifest subset from the cache, with targets and a known-label mask."""
 
     def __init__(self, cache: ImageCache, manifest: pd.DataFrame, classes: Sequence[str]):
-        self.images = cache.images
+        self.cache = cache
         self.rows = cache.rows(manifest["image_id"])
         y = label_matrix(manifest, classes) if len(classes) else np.zeros((len(manifest), 0), np.float32)
         self.mask = ~np.isnan(y)
@@ -29,7 +29,7 @@ class CachedImages(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {
-            "image": torch.from_numpy(np.array(self.images[self.rows[i]])),
+            "image": torch.from_numpy(self.cache.read(self.rows[i : i + 1])[0]),
             "target": torch.from_numpy(self.targets[i]),
             "mask": torch.from_numpy(self.mask[i]),
             "index": torch.tensor(i),
