@@ -69,7 +69,16 @@ def load_resized(path: str | os.PathLike, size: int, bits_stored: int = 16) -> n
             # Let libjpeg decode at the smallest DCT scale that still covers `size`.
             img.draft("L", (size, size))
         img.load()
-        img = _to_uint8_gray(img, bits_stored)
+        return resize_pad(img, size, bits_stored)
+
+
+def resize_pad(img: Image.Image, size: int, bits_stored: int = 16) -> np.ndarray:
+    """A decoded image as the cache stores it: uint8 gray, long side `size`, centred, zero-padded.
+
+    Shared by the cache and by `cxrlt predict` (which also feeds it converted DICOM pixels), so
+    a file scored outside the pipeline gets exactly the pixels the model was trained on.
+    """
+    img = _to_uint8_gray(img, bits_stored)
     w, h = img.size
     scale = size / max(w, h)
     nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
@@ -92,6 +101,57 @@ def _to_uint8_gray(img: Image.Image, bits_stored: int = 16) -> Image.Image:
         top = float(2**bits_stored - 1)
         return Image.fromarray(np.clip(a * (255.0 / top) + 0.5, 0, 255).astype(np.uint8))
     return img.convert("L")
+
+
+PREPROCESSING_FORMAT = 1  # bump when a field is added or changes meaning
+PIXELS = ("uint8 gray; long side scaled to size (bilinear, JPEG draft decode), centred, zero-padded; "
+          "normalised inside the model (model.mean, model.std)")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a file became the model's input, recorded in the checkpoint so that the model file
+    alone says how to feed it (`cxrlt predict`): the cache's side and the depth of 16-bit
+    images, and for DICOMs the depth of the DICOM -> PNG conversion (`data/dicom.py`) that
+    precedes the cache in the pipeline."""
+
+    size: int
+    bits_stored: int = 16
+    dicom_bits: int = 16
+
+    def to_dict(self) -> dict[str, object]:
+        return {"format": PREPROCESSING_FORMAT, "size": self.size, "bits_stored": self.bits_stored,
+                "dicom_bits": self.dicom_bits, "pixels": PIXELS}  # fmt: skip
+
+    @classmethod
+    def from_params(cls, params: dict, size: int) -> Preprocessing:
+        """The record of a model trained on a cache of side `size` built with these params."""
+        bits_stored = check_bits_stored((params.get("cache") or {}).get("bits_stored", 16))
+        dicom_bits = ((params.get("external") or {}).get("dicom") or {}).get("bits", 16)
+        if dicom_bits not in (8, 16) or isinstance(dicom_bits, bool):
+            raise DataError(f"params external.dicom.bits must be 8 or 16, got {dicom_bits!r}")
+        return cls(int(size), bits_stored, dicom_bits)
+
+    @classmethod
+    def from_checkpoint(cls, info: dict, where: str) -> Preprocessing:
+        """The checkpoint's record; one without (written before it was recorded), of a newer
+        format or with a bad field is refused with one line naming `where`."""
+        record = info.get("preprocessing")
+        if record is None:
+            raise DataError(f"{where} has no preprocessing record (it predates format {PREPROCESSING_FORMAT}); "
+                            "re-run the train stage (dvc repro train) to write one")  # fmt: skip
+        if not isinstance(record, dict) or not isinstance(record.get("format"), int):
+            raise DataError(f"{where}: 'preprocessing' must be a dict with an integer 'format'")
+        if record["format"] > PREPROCESSING_FORMAT:
+            raise DataError(f"{where}: preprocessing format {record['format']} is newer than this cxrlt "
+                            f"reads ({PREPROCESSING_FORMAT}); update cxrlt")  # fmt: skip
+        checks = {"size": lambda v: v >= 1, "bits_stored": lambda v: 8 <= v <= 16,
+                  "dicom_bits": lambda v: v in (8, 16)}  # fmt: skip
+        for key, ok in checks.items():
+            value = record.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or not ok(value):
+                raise DataError(f"{where}: preprocessing.{key} is {value!r}, not a valid value")
+        return cls(record["size"], record["bits_stored"], record["dicom_bits"])
 
 
 def _load_chunk(

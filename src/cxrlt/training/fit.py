@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cxrlt.data.cache import ImageCache
+from cxrlt.data.cache import ImageCache, Preprocessing
 from cxrlt.data.manifest import label_matrix
 from cxrlt.errors import DataError
 from cxrlt.io import atomic_path
@@ -139,6 +139,8 @@ def train_model(
     if int(tp.get("threads", 0)) > 0:
         torch.set_num_threads(int(tp["threads"]))
     cache = ImageCache(cache_dir)
+    # what made the pixels, for the checkpoint (a bad setting fails before training)
+    preprocessing = Preprocessing.from_params(dict(params), cache.size)
     manifest = keep_cached(manifest, cache)
     train_df = manifest[manifest["split"] == "train"].reset_index(drop=True)
     val_df = manifest[manifest["split"] == "val"].reset_index(drop=True)
@@ -202,6 +204,7 @@ def train_model(
     info = {
         "classes": classes,
         "model": model_cfg.to_dict(),
+        "preprocessing": preprocessing.to_dict(),
         "train_counts": counts.tolist(),
         "n_train_images": n_train,
         "val_mAP": best.best_score,
