@@ -24,7 +24,7 @@ from cxrlt.training.fit import save_checkpoint
 CLASSES = ["Atelectasis", "Cardiomegaly", "Effusion", "No Finding"]
 CFG = ModelConfig(backbone="mobilenetv3_small_050", head="linear")
 SIZE = 32
-COLUMNS = [f"p:{c}" for c in CLASSES]
+COLUMNS = [f"image:{c}" for c in CLASSES]
 
 
 def _model() -> Classifier:
@@ -114,8 +114,10 @@ def test_files_get_the_pipelines_pixels_and_probabilities(setup, tmp_path: Path,
     assert f"{len(images)} images scored, 0 skipped" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("dicom_bits", [16, 8])
-def test_dicom_goes_through_the_pipelines_conversion(setup, tmp_path: Path, dicom_bits: int):
+# 8- and 16-bit conversions give the same pixels when bits_stored is 16; with 12 they do not
+# (the 16-bit PNG is read as 12-bit and clips), so (8, 12) shows the recorded depth is used.
+@pytest.mark.parametrize(("dicom_bits", "bits_stored"), [(16, 16), (8, 12)])
+def test_dicom_goes_through_the_pipelines_conversion(setup, tmp_path: Path, dicom_bits: int, bits_stored: int):
     from cxrlt.data.dicom import convert_dicoms
 
     data = pytest.importorskip("pydicom.data")
@@ -127,13 +129,16 @@ def test_dicom_goes_through_the_pipelines_conversion(setup, tmp_path: Path, dico
     folder.mkdir()
     dicoms = [Path(shutil.copy(s, folder / n)) for s, n in zip(sources, names, strict=True)]
     dicoms.append(Path(shutil.copy(dicoms[2], folder / "IM0001")))  # no suffix: found by its marker
-    pre = Preprocessing(SIZE, dicom_bits=dicom_bits)
+    pre = Preprocessing(SIZE, bits_stored=bits_stored, dicom_bits=dicom_bits)
     ckpt = _save(tmp_path / "m.pt", setup["model"], pre)
     # the pipeline: DICOM -> PNG (convert_vindr), PNG -> cache, predict on the cache
     pngs = convert_dicoms(dicoms[:3], tmp_path / "png", bits=dicom_bits, workers=1, progress=False)
     assert not pngs.failed
     expected = _pipeline([tmp_path / "png" / (Path(n).stem + ".png") for n in names], tmp_path / "cache",
                          setup["model"], pre)  # fmt: skip
+    cache = ImageCache(tmp_path / "cache")
+    for i, path in enumerate(dicoms[:3]):  # the very pixels the pipeline caches
+        np.testing.assert_array_equal(load_image(path, pre), cache.images[i], err_msg=str(path))
     out = tmp_path / "pred.csv"
     report = predict_files(ckpt, [folder], out, device="cpu", progress=False)
     table = _read(out)

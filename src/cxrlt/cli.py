@@ -148,7 +148,7 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("paths", nargs="+", metavar="PATH",
                    help="JPEG, PNG or DICOM files, or folders (searched recursively)")  # fmt: skip
     p.add_argument("--model", required=True, help="checkpoint written by the train stage, e.g. models/stage1.pt")
-    p.add_argument("--out", required=True, help="CSV to write (atomically): path, error, p:<class> ...")
+    p.add_argument("--out", required=True, help="CSV to write (atomically): path, error, image:<class> ...")
     p.add_argument("--batch-size", type=_at_least_one, default=32, help="images per forward pass (default: 32)")
     p.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:<n> or mps")
     p.add_argument("--workers", type=_positive_int, default=0,

@@ -6,8 +6,9 @@ forward pass the predict stage runs: the same pixels give the same probabilities
 pipeline (a test pins it), whatever the batch size.
 
 The output is one CSV row per file, in input order: `path`, `error` (empty when scored) and
-`p:<class>` for every class of the model (empty when not scored). An unreadable file is
-reported and skipped, or, with `strict`, stops the run before anything is written.
+`image:<class>`, the image model's probability, for every class of the model (empty when not
+scored). An unreadable file is reported and skipped, or, with `strict`, stops the run before
+anything is written.
 """
 
 from __future__ import annotations
@@ -29,8 +30,11 @@ from cxrlt.data.files import find_images, load_batch
 from cxrlt.errors import DataError
 from cxrlt.inference import load_checkpoint, predict_pixels, resolve_device
 from cxrlt.io import write_csv
+from cxrlt.submission import IMAGE_PREFIX
 
-PREFIX = "p:"  # probability columns, as in the pipeline's predictions table
+# The image model's own probabilities are `image:<class>` in the pipeline's predictions table
+# too; its `p:<class>` are study-level and calibrated, which a single file has no use for.
+PREFIX = IMAGE_PREFIX
 
 
 def _batches(jobs: list[tuple[list[str], Preprocessing]], workers: int) -> Iterator[tuple[np.ndarray, list]]:
