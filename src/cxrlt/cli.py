@@ -25,11 +25,18 @@ class Command:
     run: Callable[[argparse.Namespace], int]
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = "int"  # argparse names it in "invalid int value"
+    return parse
+
+
+_positive_int = _int_at_least(0)
 
 
 def _score_arguments(p: argparse.ArgumentParser) -> None:
@@ -137,19 +144,12 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _at_least_one(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def _predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("paths", nargs="+", metavar="PATH",
                    help="JPEG, PNG or DICOM files, or folders (searched recursively)")  # fmt: skip
     p.add_argument("--model", required=True, help="checkpoint written by the train stage, e.g. models/stage1.pt")
     p.add_argument("--out", required=True, help="CSV to write (atomically): path, error, image:<class> ...")
-    p.add_argument("--batch-size", type=_at_least_one, default=32, help="images per forward pass (default: 32)")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=32, help="images per forward pass (default: 32)")
     p.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:<n> or mps")
     p.add_argument("--workers", type=_positive_int, default=0,
                    help="processes decoding images while the model runs; 0: in this process (default: 0)")  # fmt: skip
