@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from cxrlt.data.cache import ImageCache, build_cache
+from cxrlt.data.cache import ImageCache, Preprocessing, build_cache
 from cxrlt.data.mimic import read_cxrlt
 from cxrlt.data.splits import patient_val_split
 from cxrlt.errors import DataError
@@ -51,6 +51,8 @@ def test_same_seed_same_weights_and_predictions(prepared, tmp_path: Path):
         torch.testing.assert_close(a["state_dict"][k], b["state_dict"][k], rtol=0, atol=0)
     model, info = load_checkpoint(tmp_path / "a.pt")
     assert info["classes"] == CLASSES and info["n_train_images"] == int((df["split"] == "train").sum())
+    # how the pixels were made travels with the weights (cxrlt predict reads it)
+    assert Preprocessing.from_checkpoint(info, "a.pt") == Preprocessing(40, 16, 16)
     test_ids = df.loc[df["split"] == "test", "image_id"]
     p = predict(model, ImageCache(cache_dir), test_ids, batch_size=7)
     p_big = predict(model, ImageCache(cache_dir), test_ids, batch_size=64)

@@ -25,11 +25,18 @@ class Command:
     run: Callable[[argparse.Namespace], int]
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = "int"  # argparse names it in "invalid int value"
+    return parse
+
+
+_positive_int = _int_at_least(0)
 
 
 def _score_arguments(p: argparse.ArgumentParser) -> None:
@@ -137,6 +144,43 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help="JPEG, PNG or DICOM files, or folders (searched recursively)")  # fmt: skip
+    p.add_argument("--model", required=True, help="checkpoint written by the train stage, e.g. models/stage1.pt")
+    p.add_argument("--out", required=True, help="CSV to write (atomically): path, error, image:<class> ...")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=32, help="images per forward pass (default: 32)")
+    p.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:<n> or mps")
+    p.add_argument("--workers", type=_positive_int, default=0,
+                   help="processes decoding images while the model runs; 0: in this process (default: 0)")  # fmt: skip
+    p.add_argument("--tta-hflip", action="store_true",
+                   help="average with the mirrored image (as params predict.tta_hflip)")  # fmt: skip
+    p.add_argument("--strict", action="store_true",
+                   help="stop at the first unreadable file instead of skipping it")  # fmt: skip
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from cxrlt.predict_files import predict_files
+
+    report = predict_files(
+        args.model,
+        args.paths,
+        args.out,
+        batch_size=args.batch_size,
+        device=args.device,
+        strict=args.strict,
+        tta_hflip=args.tta_hflip,
+        workers=args.workers,
+        progress=not args.no_progress,
+    )
+    for path, reason in report.skipped.items():
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    print(f"predict on {report.device}: {report.scored} images scored, {len(report.skipped)} skipped "
+          f"({len(report.classes)} classes) -> {report.out}")  # fmt: skip
+    return 0 if report.scored else 1
+
+
 COMMANDS: dict[str, Command] = {
     "score": Command(
         help="score a CXR-LT submission CSV against a labels CSV",
@@ -147,6 +191,11 @@ COMMANDS: dict[str, Command] = {
         help="compare DVC experiments: mean ± SD over seeds, paired bootstrap differences",
         add_arguments=_compare_arguments,
         run=_compare,
+    ),
+    "predict": Command(
+        help="score JPEG, PNG and DICOM files with a trained model, as the pipeline preprocesses them",
+        add_arguments=_predict_arguments,
+        run=_predict,
     ),
 }
 

@@ -163,8 +163,9 @@ def load_fusion_checkpoint(path: str | os.PathLike) -> tuple[torch.nn.Module, di
     return model, {k: v for k, v in ckpt.items() if k != "state_dict"}
 
 
-def resolve_device(spec: str | torch.device = "auto") -> torch.device:
-    """`auto`: cuda if available, else mps if available, else cpu; or an explicit device."""
+def resolve_device(spec: str | torch.device = "auto", where: str = "params predict.device") -> torch.device:
+    """`auto`: cuda if available, else mps if available, else cpu; or an explicit device.
+    `where` names the setting in errors."""
     if str(spec) == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -174,14 +175,14 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
     try:
         device = torch.device(spec)
     except (RuntimeError, TypeError) as exc:
-        raise DataError(f"params predict.device: {spec!r} is not a device ({_one_line(exc, 120)}); "
+        raise DataError(f"{where}: {spec!r} is not a device ({_one_line(exc, 120)}); "
                         "use auto, cpu, cuda, cuda:<n> or mps") from None  # fmt: skip
     if device.type == "cuda" and not (torch.cuda.is_available()
                                       and (device.index or 0) < torch.cuda.device_count()):  # fmt: skip
-        raise DataError(f"params predict.device: {spec!r} is not available on this machine "
+        raise DataError(f"{where}: {spec!r} is not available on this machine "
                         f"({torch.cuda.device_count()} CUDA devices); use auto or cpu")  # fmt: skip
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise DataError(f"params predict.device: {spec!r} is not available on this machine; use auto or cpu")
+        raise DataError(f"{where}: {spec!r} is not available on this machine; use auto or cpu")
     return device
 
 
@@ -205,12 +206,21 @@ def predict(
     out = np.empty((len(rows), model.num_classes), dtype=np.float32)
     for start in range(0, len(rows), batch_size):
         idx = rows[start : start + batch_size]
-        x = cache.read_tensor(idx, device)
-        p = torch.sigmoid(model(x).float())
-        if tta_hflip:
-            p = 0.5 * (p + torch.sigmoid(model(torch.flip(x, dims=[-1])).float()))
-        out[start : start + len(idx)] = p.cpu().numpy()
+        out[start : start + len(idx)] = predict_pixels(model, cache.read_tensor(idx, device), tta_hflip, device)
     return out
+
+
+@torch.inference_mode()
+def predict_pixels(
+    model: Classifier, batch: np.ndarray | torch.Tensor, tta_hflip: bool, device: torch.device
+) -> np.ndarray:
+    """(n, C) probabilities of (n, S, S) uint8 pixels for a model already on `device` in eval
+    mode: the one forward pass of `predict` and `cxrlt predict`, so the two cannot drift."""
+    x = (batch if isinstance(batch, torch.Tensor) else torch.from_numpy(batch)).to(device)
+    p = torch.sigmoid(model(x).float())
+    if tta_hflip:
+        p = 0.5 * (p + torch.sigmoid(model(torch.flip(x, dims=[-1])).float()))
+    return p.cpu().numpy()
 
 
 # -------------------------------------------------------------------------------------------

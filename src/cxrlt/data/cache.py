@@ -82,12 +82,34 @@ def load_resized(path: str | os.PathLike, size: int, bits_stored: int = 16) -> n
             # Let libjpeg decode at the smallest DCT scale that still covers `size`.
             img.draft("L", (size, size))
         img.load()
-        img = _to_uint8_gray(img, bits_stored)
+        return resize_pad(img, size, bits_stored)
+
+
+def resize_pad(img: Image.Image, size: int, bits_stored: int = 16, decoder: str = "pil") -> np.ndarray:
+    """A decoded image as the cache stores it: uint8 gray, long side `size`, centred, zero-padded,
+    resized as `decoder` resizes (`pil`: bilinear with PIL's reducing gap; `cv2`: area).
+
+    Shared by the cache and by `cxrlt predict` (which also feeds it converted DICOM pixels), so
+    a file scored outside the pipeline gets exactly the pixels the model was trained on.
+    """
+    img = _to_uint8_gray(img, bits_stored)
+    if decoder == "cv2":
+        return _cv2_resize_pad(np.asarray(img, dtype=np.uint8), size)
     w, h = img.size
     nw, nh = _fit(w, h, size)
     if (nw, nh) != (w, h):
         img = img.resize((nw, nh), Image.Resampling.BILINEAR, reducing_gap=2.0)
     return _pad(np.asarray(img, dtype=np.uint8), size)
+
+
+def _cv2_resize_pad(a: np.ndarray, size: int) -> np.ndarray:
+    h, w = a.shape
+    nw, nh = _fit(w, h, size)
+    if (nw, nh) != (w, h):
+        # Area averaging when shrinking (antialiased); bilinear when enlarging a small original.
+        shrink = nw < w or nh < h
+        a = _cv2().resize(a, (nw, nh), interpolation=_cv2().INTER_AREA if shrink else _cv2().INTER_LINEAR)
+    return _pad(a, size)
 
 
 def load_resized_cv2(path: str | os.PathLike, size: int, bits_stored: int = 16) -> np.ndarray:
@@ -100,7 +122,7 @@ def load_resized_cv2(path: str | os.PathLike, size: int, bits_stored: int = 16) 
         fmt, (w, h) = img.format, img.size
         if fmt != "JPEG":
             img.load()
-            a = np.asarray(_to_uint8_gray(img, bits_stored), dtype=np.uint8)
+            return resize_pad(img, size, bits_stored, "cv2")
     if fmt == "JPEG":
         data = Path(path).read_bytes()
         # libjpeg pads a truncated file with grey and only warns; PIL (the `pil` decoder)
@@ -113,13 +135,7 @@ def load_resized_cv2(path: str | os.PathLike, size: int, bits_stored: int = 16) 
         a = cv2.imdecode(np.frombuffer(data, np.uint8), flags[k] | cv2.IMREAD_IGNORE_ORIENTATION)
         if a is None:
             raise ValueError("OpenCV cannot decode this JPEG")
-    h, w = a.shape
-    nw, nh = _fit(w, h, size)
-    if (nw, nh) != (w, h):
-        # Area averaging when shrinking (antialiased); bilinear when enlarging a small original.
-        shrink = nw < w or nh < h
-        a = cv2.resize(a, (nw, nh), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-    return _pad(a, size)
+    return _cv2_resize_pad(a, size)
 
 
 DECODERS = {"pil": load_resized, "cv2": load_resized_cv2}
@@ -195,6 +211,66 @@ def _to_uint8_gray(img: Image.Image, bits_stored: int = 16) -> Image.Image:
         top = float(2**bits_stored - 1)
         return Image.fromarray(np.clip(a * (255.0 / top) + 0.5, 0, 255).astype(np.uint8))
     return img.convert("L")
+
+
+PREPROCESSING_FORMAT = 1  # bump when a field is added or changes meaning
+PIXELS = ("uint8 gray; long side scaled to size (bilinear, JPEG draft decode), centred, zero-padded; "
+          "normalised inside the model (model.mean, model.std)")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a file became the model's input, recorded in the checkpoint so that the model file
+    alone says how to feed it (`cxrlt predict`): the cache's side and the depth of 16-bit
+    images, and for DICOMs the depth of the DICOM -> PNG conversion (`data/dicom.py`) that
+    precedes the cache in the pipeline."""
+
+    size: int
+    bits_stored: int = 16
+    dicom_bits: int = 16
+    decoder: str = "pil"  # the cache's resize (`cache.decoder`)
+
+    def to_dict(self) -> dict[str, object]:
+        return {"format": PREPROCESSING_FORMAT, "size": self.size, "bits_stored": self.bits_stored,
+                "dicom_bits": self.dicom_bits, "decoder": self.decoder, "pixels": PIXELS}  # fmt: skip
+
+    def load(self, path: str | os.PathLike) -> np.ndarray:
+        """One image file (not DICOM) as the cache stored it."""
+        return DECODERS[self.decoder](path, self.size, self.bits_stored)
+
+    @classmethod
+    def from_params(cls, params: dict, size: int) -> Preprocessing:
+        """The record of a model trained on a cache of side `size` built with these params."""
+        bits_stored = check_bits_stored((params.get("cache") or {}).get("bits_stored", 16))
+        dicom_bits = ((params.get("external") or {}).get("dicom") or {}).get("bits", 16)
+        if dicom_bits not in (8, 16) or isinstance(dicom_bits, bool):
+            raise DataError(f"params external.dicom.bits must be 8 or 16, got {dicom_bits!r}")
+        decoder = check_decoder((params.get("cache") or {}).get("decoder", "pil"))
+        return cls(int(size), bits_stored, dicom_bits, decoder)
+
+    @classmethod
+    def from_checkpoint(cls, info: dict, where: str) -> Preprocessing:
+        """The checkpoint's record; one without (written before it was recorded), of a newer
+        format or with a bad field is refused with one line naming `where`."""
+        record = info.get("preprocessing")
+        if record is None:
+            raise DataError(f"{where} has no preprocessing record (it predates format {PREPROCESSING_FORMAT}); "
+                            "re-run the train stage (dvc repro train) to write one")  # fmt: skip
+        if not isinstance(record, dict) or not isinstance(record.get("format"), int):
+            raise DataError(f"{where}: 'preprocessing' must be a dict with an integer 'format'")
+        if record["format"] > PREPROCESSING_FORMAT:
+            raise DataError(f"{where}: preprocessing format {record['format']} is newer than this cxrlt "
+                            f"reads ({PREPROCESSING_FORMAT}); update cxrlt")  # fmt: skip
+        checks = {"size": lambda v: v >= 1, "bits_stored": lambda v: 8 <= v <= 16,
+                  "dicom_bits": lambda v: v in (8, 16)}  # fmt: skip
+        for key, ok in checks.items():
+            value = record.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or not ok(value):
+                raise DataError(f"{where}: preprocessing.{key} is {value!r}, not a valid value")
+        decoder = record.get("decoder", "pil")
+        if decoder not in DECODERS:
+            raise DataError(f"{where}: preprocessing.decoder is {decoder!r}, not one of {sorted(DECODERS)}")
+        return cls(record["size"], record["bits_stored"], record["dicom_bits"], decoder)
 
 
 def _load_chunk(

@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from cxrlt.checkpoint import _plain, save_checkpoint  # noqa: F401 (re-exported)
-from cxrlt.data.cache import ImageCache
+from cxrlt.data.cache import ImageCache, Preprocessing
 from cxrlt.data.manifest import label_matrix
 from cxrlt.errors import DataError
 from cxrlt.models import ModelConfig
@@ -138,6 +138,8 @@ def train_model(
     if int(tp.get("threads", 0)) > 0:
         torch.set_num_threads(int(tp["threads"]))
     cache = ImageCache(cache_dir)
+    # what made the pixels, for the checkpoint (a bad setting fails before training)
+    preprocessing = Preprocessing.from_params(dict(params), cache.size)
     manifest = keep_cached(manifest, cache)
     train_df = manifest[manifest["split"] == "train"].reset_index(drop=True)
     val_df = manifest[manifest["split"] == "val"].reset_index(drop=True)
@@ -203,6 +205,7 @@ def train_model(
     info = {
         "classes": classes,
         "model": model_cfg.to_dict(),
+        "preprocessing": preprocessing.to_dict(),
         "train_counts": counts.tolist(),
         "n_train_images": n_train,
         "val_mAP": best.best_score,
