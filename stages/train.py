@@ -1,13 +1,24 @@
-"""Stage train: fit the image-level classifier (loss, model, schedule from params)."""
+"""Stage train: fit the image-level classifier (loss, model, schedule from params).
+
+In a SLURM batch job with several tasks it re-runs itself under srun, one process per task
+(src/cxrlt/training/launch.py).
+"""
+
+import os
+import sys
 
 from cxrlt.labels import training_classes
 from cxrlt.params import load_params
 from cxrlt.stage import read_parquet, run_stage
 from cxrlt.training.fit import fit
+from cxrlt.training.launch import relaunch_under_srun
 
 
 def main() -> None:
     params = load_params()
+    status = relaunch_under_srun(params["train"], os.environ)
+    if status is not None:  # the srun tasks trained; rank 0 wrote the outputs
+        sys.exit(status)
     classes = list(training_classes(params["task"]))
     manifest = read_parquet(params["data"]["manifest"], "data.manifest", "prepare")
     t = params["train"]
