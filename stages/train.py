@@ -1,7 +1,7 @@
 """Stage train: fit the image-level classifier (loss, model, schedule from params).
 
-In a SLURM batch job with several tasks it re-runs itself under srun, one process per task
-(src/cxrlt/training/launch.py).
+In a SLURM batch job with several tasks the stage re-runs itself under srun, one process per
+task, before it loads anything (src/cxrlt/training/launch.py).
 """
 
 import os
@@ -15,10 +15,14 @@ from cxrlt.training.launch import relaunch_under_srun
 
 
 def main() -> None:
-    params = load_params()
-    status = relaunch_under_srun(params["train"], os.environ)
+    status = relaunch_under_srun(load_params()["train"], os.environ)
     if status is not None:  # the srun tasks trained; rank 0 wrote the outputs
         sys.exit(status)
+    train()
+
+
+def train() -> None:
+    params = load_params()
     classes = list(training_classes(params["task"]))
     manifest = read_parquet(params["data"]["manifest"], "data.manifest", "prepare")
     t = params["train"]

@@ -171,7 +171,7 @@ def test_the_train_stage_relaunches_before_loading_data(tmp_path: Path):
     fake.chmod(0o755)
     env = {**os.environ, **_batch(2, 2), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     res = subprocess.run([sys.executable, str(root / "stages" / "train.py")], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
     assert res.returncode == 3, res.stderr[-2000:]  # srun's status is the stage's
     args = (tmp_path / "srun.args").read_text().split()
     assert args[:3] == ["--nodes=2", "--ntasks=4", "--ntasks-per-node=2"]
