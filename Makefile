@@ -4,15 +4,18 @@ PY := $(VENV)/bin/python
 export DVC_NO_ANALYTICS := 1
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup demo test test-all lint bench
+.PHONY: setup lock demo test test-all lint bench
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
-	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev]"
+# containers/install.sh is the one installer (the Docker and Apptainer images run it too).
+$(VENV)/.installed: pyproject.toml containers/constraints.txt containers/install.sh
+	containers/install.sh $(VENV) editable
 	touch $@
+
+# Re-pin containers/constraints.txt to what $(VENV) has now (after a deliberate upgrade).
+lock: setup
+	$(PY) containers/lock.py
 
 # The whole DVC pipeline on the built-in dataset.
 demo: setup
@@ -26,7 +29,7 @@ test-all: setup
 	$(PY) -m pytest -m "slow or not slow"
 
 lint: setup
-	$(VENV)/bin/ruff check src stages tests bench
+	$(VENV)/bin/ruff check src stages tests bench containers
 
 bench: setup
 	$(PY) bench/bench_metrics.py

@@ -1,14 +1,29 @@
-"""Stage train: fit the image-level classifier (loss, model, schedule from params)."""
+"""Stage train: fit the image-level classifier (loss, model, schedule from params).
+
+In a SLURM batch job with several tasks the stage re-runs itself under srun, one process per
+task, before it loads anything (src/cxrlt/training/launch.py).
+"""
+
+import os
+import sys
 
 from cxrlt.gpus import claims_gpus
 from cxrlt.labels import training_classes
 from cxrlt.params import load_params
 from cxrlt.stage import read_parquet, run_stage
 from cxrlt.training.fit import fit
+from cxrlt.training.launch import relaunch_under_srun
 
 
-@claims_gpus("train")
 def main() -> None:
+    status = relaunch_under_srun(load_params()["train"], os.environ)
+    if status is not None:  # the srun tasks trained; rank 0 wrote the outputs
+        sys.exit(status)
+    train()
+
+
+@claims_gpus("train")  # after the srun decision: the srun tasks' GPUs are the scheduler's
+def train() -> None:
     params = load_params()
     classes = list(training_classes(params["task"]))
     manifest = read_parquet(params["data"]["manifest"], "data.manifest", "prepare")

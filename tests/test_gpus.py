@@ -282,10 +282,13 @@ def test_decorated_main_runs_holding_its_gpus(locks, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("name", ["train", "fuse", "predict"])
 def test_accelerator_stages_are_decorated(name):
-    """Each stage that uses the accelerator wraps its main in `claims_gpus("<stage>")`."""
+    """Each stage that uses the accelerator wraps the function that uses it in
+    `claims_gpus("<stage>")`: `main`, or for train `train`, which runs after the decision to
+    relaunch under srun (an srun task's GPUs are the scheduler's, so it claims none)."""
     tree = ast.parse((ROOT / "stages" / f"{name}.py").read_text())
-    main = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main")
-    assert [ast.unparse(d) for d in main.decorator_list] == [f"claims_gpus('{name}')"]
+    target = "train" if name == "train" else "main"
+    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == target)
+    assert [ast.unparse(d) for d in fn.decorator_list] == [f"claims_gpus('{name}')"]
 
 
 def _stage(name: str):

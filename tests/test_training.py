@@ -103,7 +103,7 @@ if __name__ == "__main__":
         trained["t"] = train_model(*args, **kwargs)
         return trained["t"]
     F.train_model = spy
-    info = F.fit(df, list(TASK1_CLASSES), sys.argv[2], params, out + "/ddp.pt")
+    info = F.fit(df, list(TASK1_CLASSES), sys.argv[2], params, out + "/ddp.pt", live_dir=out + "/live")
     t = trained["t"]
     with open(f"{out}/rank{t.global_rank}.json", "w") as f:
         json.dump({"hash": state_hash(t.module.model.state_dict()), "history": t.history,
@@ -172,6 +172,19 @@ def test_ddp_ranks_end_with_the_best_epochs_weights_and_rank_0_saves_them(ddp_ru
     assert saved["best_epoch"] == int(np.argmax(history)) == ranks[1]["best_epoch"]
     assert saved["val_mAP"] == max(history) == ranks[1]["val_mAP"]
     assert not list(out.glob("**/*.ckpt"))  # nothing written for the selection
+
+
+def test_ddp_logs_once_from_rank_0(ddp_run):
+    """dvclive runs on rank 0 only (it refuses to start elsewhere, which would kill rank 1):
+    one val mAP row per epoch, the values every rank selected from."""
+    import json
+
+    _, out = ddp_run
+    rows = (out / "live" / "plots" / "metrics" / "val" / "mAP.tsv").read_text().splitlines()
+    history = json.loads((out / "rank0.json").read_text())["history"]
+    assert rows[0].split("\t") == ["step", "mAP"] and len(rows) == 1 + len(history)
+    logged = [float(r.split("\t")[1]) for r in rows[1:]]
+    np.testing.assert_allclose(logged, history, rtol=1e-6)
 
 
 def test_ema_and_deferred_reweighting_train_and_the_saved_model_is_the_ema(prepared, tmp_path: Path):

@@ -30,6 +30,7 @@ from cxrlt.text.embeddings import text_queries
 from cxrlt.training.augment import AugmentConfig
 from cxrlt.training.crt import CRTConfig, retrain_classifier
 from cxrlt.training.data import CachedImages, Loaders, keep_cached
+from cxrlt.training.launch import Layout
 from cxrlt.training.module import ImageClassifierModule, OptimConfig
 from cxrlt.training.samplers import build_sampler, check_sampler
 
@@ -132,6 +133,7 @@ def train_model(
     sampler_name = str(params.get("sampler", "random"))
     sampler_settings = (params.get("samplers") or {}).get(sampler_name) or {}
     check_sampler(sampler_name, sampler_settings)  # a wrong name fails before data loads
+    layout = Layout.from_params(tp)  # devices, nodes, strategy, precision: checked before data loads
     drw_epoch, ema_decay = _schedules(tp)
     crt = CRTConfig.from_params(tp.get("crt"), params.get("samplers"))
     L.seed_everything(seed, workers=True)
@@ -183,10 +185,7 @@ def train_model(
     best = BestWeights("val/mAP")
     trainer = L.Trainer(
         max_epochs=int(tp["epochs"]),
-        accelerator=tp.get("accelerator", "auto"),
-        devices=tp.get("devices", "auto"),
-        strategy=tp.get("strategy", "auto"),
-        precision=tp.get("precision", "32-true"),
+        **layout.trainer_kwargs(os.environ),
         deterministic=True,
         logger=loggers or False,
         callbacks=[best],
