@@ -318,3 +318,32 @@ def test_text_queries_are_skipped_without_the_param(tmp_path):
     assert got is not None and got.classes == ("B",) and torch.equal(got.vectors, torch.tensor([[0.0, 1.0]]))
     with pytest.raises(DataError, match=r"e.safetensors \(params text.out\): no embedding for classes \['C'\]"):
         text_queries(params, ["B", "C"])
+
+
+def test_a_hub_id_is_read_from_the_local_cache_without_network(tiny_encoder, tmp_path):
+    """A real encoder (BiomedBERT, ...) named by its hub id after `hf download`: the stage, run
+    as DVC runs it, reads the local cache with HF_HUB_OFFLINE unset and records the snapshot."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--cxrlt-test--tiny-bert"
+    shutil.copytree(tiny_encoder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    work = tmp_path / "work"
+    work.mkdir()
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["text"].update({"encoder": "cxrlt-test/tiny-bert", "templates": TEMPLATES,
+                           "out": "emb/labels.safetensors", "record": "emb/labels.json"})  # fmt: skip
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME")}
+    env.update({"HF_HUB_CACHE": str(tmp_path / "hub"), "PYTHONPATH": str(ROOT / "src")})
+    res = subprocess.run([sys.executable, str(ROOT / "stages" / "embed.py")], cwd=work, env=env,
+                         capture_output=True, text=True)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    emb = load_label_embeddings(work / "emb" / "labels.safetensors")
+    assert emb.record["source"] == {"kind": "hub", "revision": commit}
+    assert emb.vectors.shape == (len(label_names()), 32)

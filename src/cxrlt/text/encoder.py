@@ -129,7 +129,7 @@ def resolve_encoder(spec: str) -> tuple[str, dict[str, Any]]:
         return _check_folder(folder, spec), source
     if os.path.exists(os.path.expanduser(spec)) or spec.startswith((".", "/", "~")) or not _HUB_ID.match(spec):
         return _check_folder(Path(spec).expanduser(), spec), {"kind": "folder"}
-    return spec, {"kind": "hub", "downloads": downloads_allowed()}
+    return spec, {"kind": "hub"}
 
 
 def _check_folder(folder: Path, spec: str) -> str:
@@ -169,6 +169,8 @@ class TextEncoder:
             if bars:
                 hf_logging.enable_progress_bar()
         self.model.requires_grad_(False)
+        if self.source["kind"] == "hub":
+            self.source["revision"] = _cached_revision(spec)
 
     @property
     def dim(self) -> int:
@@ -205,6 +207,14 @@ class TextEncoder:
         if not out:
             return torch.empty(0, self.dim)
         return torch.nn.functional.normalize(torch.cat(out), dim=-1)
+
+
+def _cached_revision(repo_id: str) -> str | None:
+    """The commit of the hub snapshot in the local cache (its folder name), if it is there."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, "config.json")
+    return Path(found).parent.name if isinstance(found, str) else None
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
