@@ -46,7 +46,7 @@ def _resumable(state_dir: Path, **train) -> dict:
     params = _params("wbce")
     params["sampler"] = "repeat_factor"
     params["train"].update({"epochs": 2, "threads": 1, "limit_train_batches": 3, "log_every_n_steps": 1,
-                            "drw_epoch": 1, "ema_decay": 0.5, "state_dir": str(state_dir),
+                            "drw_epoch": 1, "ema_decay": 0.9, "state_dir": str(state_dir),
                             "crt": {"epochs": 2, "sampler": "random", "lr": 0.01, "batch_size": 8}})  # fmt: skip
     params["train"].update(train)
     return params
@@ -75,6 +75,8 @@ def reference(prepared, tmp_path_factory: pytest.TempPathFactory) -> Path:  # no
     out = tmp_path_factory.mktemp("reference")
     fit(df, CLASSES, cache_dir, _resumable(out / "state"), out / "ref.pt", live_dir=out / "live")
     assert not any((out / "state").iterdir())  # a finished run leaves no state behind
+    # The last epoch is the kept one, so the final weights depend on what a resumed run trains.
+    assert torch.load(out / "ref.pt", weights_only=True)["best_epoch"] == 1
     return out
 
 
@@ -232,3 +234,54 @@ def test_dvclive_files_are_put_back_as_at_the_checkpoint(tmp_path: Path):
     state.restore_live(live)
     assert resume._live_files(live) == saved
     assert pd.read_csv(live / "plots" / "metrics" / "val" / "mAP.tsv", sep="\t")["step"].tolist() == [3]
+
+
+DDP_KILL_SCRIPT = """
+import json, logging, os, signal, sys
+import pandas as pd
+from cxrlt.labels import TASK1_CLASSES
+from cxrlt.training.fit import fit
+from cxrlt.training.module import ImageClassifierModule
+
+if sys.argv[5] == "kill":
+    real = ImageClassifierModule.on_train_batch_end
+    def kill_all_ranks(self, outputs, batch, batch_idx):
+        real(self, outputs, batch, batch_idx)
+        if self.current_epoch == 1 and batch_idx == 1 and self.global_rank == 0:
+            os.killpg(os.getpgid(0), signal.SIGKILL)  # every rank at once, as a node failure
+    ImageClassifierModule.on_train_batch_end = kill_all_ranks
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    df = pd.read_parquet(sys.argv[1])
+    fit(df, list(TASK1_CLASSES), sys.argv[2], json.loads(sys.argv[3]), sys.argv[4])
+"""
+
+
+@pytest.mark.slow
+def test_ddp_run_killed_on_every_rank_resumes_identical(prepared, tmp_path: Path, caplog):  # noqa: F811
+    """2 CPU processes (gloo): rank 0 writes the state, both ranks resume from it, and the
+    result equals the uninterrupted DDP run's."""
+    df, cache_dir = prepared
+    df.to_parquet(tmp_path / "m.parquet")
+    (tmp_path / "ddp.py").write_text(DDP_KILL_SCRIPT)
+    params = _resumable(tmp_path / "state", crt={"epochs": 0}, accelerator="cpu", devices=2, strategy="ddp")
+
+    def run(out: str, mode: str, state: str) -> subprocess.CompletedProcess:
+        p = dict(params, train=dict(params["train"], state_dir=str(tmp_path / state)))
+        return subprocess.run([sys.executable, str(tmp_path / "ddp.py"), str(tmp_path / "m.parquet"), str(cache_dir),
+                               json.dumps(p), str(tmp_path / out), mode],
+                              capture_output=True, text=True, timeout=900, start_new_session=True)  # fmt: skip
+
+    ref = run("ref.pt", "plain", "ref_state")
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    killed = run("out.pt", "kill", "state")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert (tmp_path / "state" / CKPT).exists() and not (tmp_path / "out.pt").exists()
+    resumed = run("out.pt", "plain", "state")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # both ranks said so (rank 1 is a child process of the launcher: its log is on stderr too)
+    line = f"train: resuming from {tmp_path / 'state' / CKPT} at epoch 1"
+    assert resumed.stderr.count(line) == 2, resumed.stderr[-3000:]
+    assert (tmp_path / "out.pt").read_bytes() == (tmp_path / "ref.pt").read_bytes()
+    assert not any((tmp_path / "state").iterdir())
