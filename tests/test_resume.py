@@ -121,6 +121,16 @@ def test_killed_run_resumes_at_its_last_epoch_and_ends_identical(
     fit(df, CLASSES, cache_dir, fresh, tmp_path / "fresh.pt")
     assert (tmp_path / "other.pt").read_bytes() == (tmp_path / "fresh.pt").read_bytes()
 
+    # The real checkpoint cut short (as a non-atomic write killed half-way would leave it).
+    shutil.rmtree(tmp_path / "state")
+    shutil.copytree(tmp_path / "killed_state", tmp_path / "state")
+    data = (tmp_path / "state" / CKPT).read_bytes()
+    (tmp_path / "state" / CKPT).write_bytes(data[: len(data) - 100])
+    state = TrainState(tmp_path / "state", fingerprint(params, CLASSES, df, cache_dir))
+    caplog.clear()
+    assert state.prepare() is None
+    assert "last.ckpt cannot be read" in caplog.records[-1].getMessage()
+
 
 @pytest.mark.slow
 def test_run_killed_during_crt_does_not_train_again(

@@ -98,7 +98,8 @@ def fingerprint(
 ) -> dict[str, Any]:
     """Everything that decides a training run, each part hashed, so a mismatch can be named."""
     train = {k: v for k, v in dict(params["train"]).items() if k not in NOT_FINGERPRINTED}
-    read = {k: params.get(k) for k in ("seed", "loss", "losses", "sampler", "samplers", "model")}
+    # The train stage's params sections (dvc.yaml); `text` only matters with text queries.
+    read = {k: params.get(k) for k in ("seed", "task", "loss", "losses", "sampler", "samplers", "model", "text")}
     parts = {
         "params": _digest({**read, "train": train}),
         "classes": _digest(list(classes)),
@@ -236,11 +237,14 @@ class TrainState:
             saved = json.loads((self.dir / FINGERPRINT).read_text())
         except (OSError, ValueError) as e:
             return f"{FINGERPRINT} unreadable: {e}"
+        if not isinstance(saved, dict):
+            return f"{FINGERPRINT} is not a fingerprint"
         if saved.get("digest") != self.fp["digest"]:
             changed = sorted(k for k, v in self.fp["parts"].items() if (saved.get("parts") or {}).get(k) != v)
             return f"it was written by a different run; changed: {', '.join(changed) or 'fingerprint format'}"
         try:
-            ckpt = torch.load(self.ckpt, map_location="cpu", weights_only=True)
+            # mmap: the archive's structure is checked without reading every tensor twice
+            ckpt = torch.load(self.ckpt, map_location="cpu", weights_only=True, mmap=True)
             state = ckpt["callbacks"][EpochState.__qualname__]
             epoch = int(ckpt["epoch"])
         except Exception as e:  # a truncated or foreign file: never trusted
