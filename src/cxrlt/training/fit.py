@@ -20,6 +20,7 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from cxrlt.checkpoint import _plain, save_checkpoint  # noqa: F401 (re-exported)
 from cxrlt.data.cache import ImageCache, Preprocessing
@@ -32,6 +33,7 @@ from cxrlt.training.crt import CRTConfig, retrain_classifier
 from cxrlt.training.data import CachedImages, Loaders, keep_cached
 from cxrlt.training.launch import Layout
 from cxrlt.training.module import ImageClassifierModule, OptimConfig
+from cxrlt.training.resume import AtomicCheckpointIO, EpochState, TrainState, fingerprint
 from cxrlt.training.samplers import build_sampler, check_sampler
 
 log = logging.getLogger(__name__)
@@ -86,6 +88,16 @@ class BestWeights(L.Callback):
             self.state = self._copy(pl_module)
             self.best_epoch, self.best_score = trainer.current_epoch, score
 
+    def state_dict(self) -> dict[str, Any]:
+        """In the resumable state (train.state_dir): a resumed run picks from every epoch."""
+        return {"history": list(self.history), "best_epoch": self.best_epoch,
+                "best_score": self.best_score, "state": self.state}  # fmt: skip
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = list(state_dict["history"])
+        self.best_epoch, self.best_score = state_dict["best_epoch"], state_dict["best_score"]
+        self.state = state_dict["state"]
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.state is None:  # no validation ran: the last weights
             self.state = self._copy(pl_module)
@@ -103,6 +115,7 @@ class Trained:
     info: dict[str, Any]
     global_rank: int = 0
     history: list[float] = field(default_factory=list)  # val mAP per epoch
+    state: TrainState | None = None  # the resumable state (train.state_dir), cleared by `fit`
 
 
 def fit(
@@ -117,6 +130,8 @@ def fit(
     trained = train_model(manifest, classes, cache_dir, params, live_dir)
     if trained.global_rank == 0:  # under DDP every rank holds the same weights; one writes
         save_checkpoint(out_checkpoint, trained.module.model.state_dict(), trained.info)
+    if trained.state is not None:  # written: the next run starts from scratch
+        trained.state.clear()
     return trained.info
 
 
@@ -127,7 +142,10 @@ def train_model(
     params: Mapping[str, Any],
     live_dir: str | os.PathLike | None = None,
 ) -> Trained:
-    """Train on split "train" and load the weights of the best val mAP epoch, on every rank."""
+    """Train on split "train" and load the weights of the best val mAP epoch, on every rank.
+
+    With `train.state_dir` set, a run killed after an epoch resumes from it (see
+    `cxrlt.training.resume`); the caller clears the state once the result is safe."""
     tp = params["train"]
     seed = int(params.get("seed", 0))
     sampler_name = str(params.get("sampler", "random"))
@@ -176,20 +194,31 @@ def train_model(
         train_set, val_set, sampler, bs, int(tp.get("eval_batch_size", bs)), workers, seed,
     )  # fmt: skip
 
+    state, callbacks = None, []
+    if tp.get("state_dir"):
+        state = TrainState(tp["state_dir"], fingerprint(params, classes, manifest, cache_dir), rank_zero_only.rank)
+        state.prepare()
+        callbacks.append(EpochState(state.ckpt, state.fp["digest"], state.resume_from is not None,
+                                    None if live_dir is None else Path(live_dir)))  # fmt: skip
     loggers: list[Any] = []
     if live_dir is not None:
         from dvclive.lightning import DVCLiveLogger
 
+        resuming = state is not None and state.resume_from is not None
+        if resuming and rank_zero_only.rank == 0:
+            state.restore_live(live_dir)
         # dvcyaml=None: dvc.yaml is ours; dvclive must not rewrite it.
-        loggers.append(DVCLiveLogger(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False, report=None))
+        loggers.append(DVCLiveLogger(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False, report=None,
+                                     resume=resuming))  # fmt: skip
     best = BestWeights("val/mAP")
     trainer = L.Trainer(
         max_epochs=int(tp["epochs"]),
         **layout.trainer_kwargs(os.environ),
         deterministic=True,
         logger=loggers or False,
-        callbacks=[best],
-        enable_checkpointing=False,  # no checkpoint files: the best weights stay in memory
+        callbacks=[best, *callbacks],
+        enable_checkpointing=False,  # no ModelCheckpoint: the best weights stay in memory
+        plugins=[AtomicCheckpointIO()] if state is not None else None,
         enable_progress_bar=bool(tp.get("progress_bar", True)),
         log_every_n_steps=int(tp.get("log_every_n_steps", 10)),
         num_sanity_val_steps=0,
@@ -197,7 +226,8 @@ def train_model(
         enable_model_summary=False,
         use_distributed_sampler=False,  # Loaders shard train (sampler) and val per rank
     )
-    trainer.fit(module, datamodule=loaders)
+    resume_from = None if state is None else state.resume_from
+    trainer.fit(module, datamodule=loaders, ckpt_path=resume_from, weights_only=True if resume_from else None)
     module.load_state_dict(best.state)
     if module.ema is not None:  # the selected epoch's EMA weights are the model
         module.model.load_state_dict(module.ema.state_dict())
@@ -223,7 +253,7 @@ def train_model(
             module.model, module.criterion, train_set, val_set, classes, crt,
             (params.get("samplers") or {}).get(crt.sampler), seed, best.best_score,
         )  # fmt: skip
-    return Trained(module, info, int(trainer.global_rank), list(best.history))
+    return Trained(module, info, int(trainer.global_rank), list(best.history), state)
 
 
 def _schedules(tp: Mapping[str, Any]) -> tuple[int | None, float]:

@@ -82,6 +82,13 @@ class ImageClassifierModule(L.LightningModule):
         self._val_masks: list[torch.Tensor] = []
         self._val_index: list[torch.Tensor] = []
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The augmentation stream runs across epochs: a resumed run continues it, not restarts it.
+        checkpoint["aug_gen"] = self.aug_gen.get_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.aug_gen.set_state(checkpoint["aug_gen"])
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
 
@@ -150,7 +157,8 @@ class ImageClassifierModule(L.LightningModule):
             if step < warmup:
                 return (step + 1) / warmup
             t = (step - warmup) / max(1, total - warmup)
-            return floor + (1 - floor) * 0.5 * (1 + np.cos(np.pi * min(t, 1.0)))
+            # a Python float (the same double): the resumable state then loads with weights_only
+            return float(floor + (1 - floor) * 0.5 * (1 + np.cos(np.pi * min(t, 1.0))))
 
         # Stepped every optimizer step: stepped per epoch, a short run's schedule stays flat.
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
