@@ -107,6 +107,11 @@ def fingerprint(
         "cache": _digest(cache_identity(cache_dir)),
         "code": code_version(),
     }
+    head_args = (params.get("model") or {}).get("head_args") or {}
+    out = (params.get("text") or {}).get("out")
+    if head_args.get("queries") == "text" and out and os.path.isfile(out):
+        # text queries: the embeddings' contents, not only the params that name them
+        parts["text"] = hashlib.sha256(Path(out).read_bytes()).hexdigest()
     return {"digest": _digest(parts), "parts": parts}
 
 
