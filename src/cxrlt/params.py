@@ -38,28 +38,29 @@ class Params(dict):
     """params.yaml as the stages read it: `params["train"]["crt"]["lr"]` on a file without
     that key fails with one line naming `train.crt.lr` instead of a bare KeyError traceback.
 
-    Nested sections are wrapped on access (a shallow view; the stages only read params).
-    Checkpoints store plain dicts (`cxrlt.checkpoint._plain`), so no Params object reaches a file.
+    Nested sections are Params too, converted once here, so `params["train"]` is the stored
+    section itself (a change made through it stays). Checkpoints store plain dicts
+    (`cxrlt.checkpoint._plain`), so no Params object reaches a checkpoint.
     """
 
     def __init__(self, data: Mapping[str, Any] = (), path: str = ""):
         super().__init__(data)
         self._path = path
+        for key, value in dict.items(self):
+            if isinstance(value, Mapping) and not isinstance(value, Params):
+                dict.__setitem__(self, key, Params(value, self._where(key)))
 
     def _where(self, key: object) -> str:
         return f"{self._path}.{key}" if self._path else str(key)
 
     def __getitem__(self, key: str) -> Any:
         try:
-            value = super().__getitem__(key)
+            return super().__getitem__(key)
         except KeyError:
             raise MissingParamError(f"params.yaml: missing key {self._where(key)!r}") from None
-        if isinstance(value, dict) and not isinstance(value, Params):
-            return Params(value, self._where(key))
-        return value
 
     def get(self, key: str, default: Any = None) -> Any:
-        return self[key] if key in self else default  # noqa: SIM401 (wraps nested sections)
+        return self[key] if key in self else default  # noqa: SIM401 (dict.get skips __getitem__)
 
 
 def section(params: Mapping[str, Any], key: str) -> Any:
@@ -70,3 +71,7 @@ def section(params: Mapping[str, Any], key: str) -> Any:
             raise DataError(f"params.yaml: missing key {key!r}")
         node = node[part]
     return node
+
+
+# `yaml.safe_dump(load_params())` (tests, scripts writing a changed params.yaml) sees a dict.
+yaml.SafeDumper.add_representer(Params, lambda dumper, data: dumper.represent_dict(dict(data)))
