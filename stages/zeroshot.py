@@ -1,5 +1,6 @@
 """Stage zeroshot: CXR-LT Task 3 (five findings never trained on) from label-text embeddings."""
 
+from cxrlt.gpus import claims_gpus
 from cxrlt.params import load_params
 from cxrlt.stage import run_stage
 from cxrlt.zeroshot import run
@@ -9,6 +10,7 @@ def _f(x: float | None) -> str:
     return "n/a (no labels)" if x is None else f"{x:.4f}"
 
 
+@claims_gpus("zeroshot")
 def main() -> None:
     r = run(load_params())
     print(f"zeroshot: Task 3 from the label texts ({r['encoder']}), head trained on the Task 1 classes "

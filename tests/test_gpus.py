@@ -260,6 +260,8 @@ def test_bad_lock_dir_is_one_clear_error(locks, tmp_path, monkeypatch):
     ("predict", {"predict": {"device": "cpu"}}, 0),
     ("predict", {"predict": {"device": "mps"}}, 0),
     ("predict", {}, 1),
+    ("zeroshot", {"zeroshot": {"head": {"device": "auto"}}}, 1),
+    ("zeroshot", {"zeroshot": {"head": {"device": "cpu"}}}, 0),
 ])  # fmt: skip
 def test_gpus_per_stage(stage, params, count):
     assert stage_gpus(params, stage)[0] == count
@@ -280,7 +282,7 @@ def test_decorated_main_runs_holding_its_gpus(locks, tmp_path, monkeypatch):
     assert seen == ["1,2"] and "CUDA_VISIBLE_DEVICES" not in os.environ
 
 
-@pytest.mark.parametrize("name", ["train", "fuse", "predict"])
+@pytest.mark.parametrize("name", ["train", "fuse", "predict", "zeroshot"])
 def test_accelerator_stages_are_decorated(name):
     """Each stage that uses the accelerator wraps the function that uses it in
     `claims_gpus("<stage>")`: `main`, or for train `train`, which runs after the decision to

@@ -1,7 +1,7 @@
 """GPU claims: each stage that uses the accelerator takes free GPUs, so queued runs spread out.
 
 DVC does not assign GPUs: `dvc queue start -j N` on an N-GPU machine would start N runs on
-the same GPU. The train, fuse and predict stages therefore claim the GPUs they need before
+the same GPU. The train, fuse, predict and zeroshot stages therefore claim the GPUs they need before
 torch initialises CUDA, and set `CUDA_VISIBLE_DEVICES` to them for the stage and its
 children (Lightning's DDP workers). A claim is an exclusive `flock` on one file per GPU in
 a lock directory; the kernel drops it when the process exits however it exits (crash,
@@ -306,6 +306,9 @@ def stage_gpus(params: Mapping[str, Any], stage: str) -> tuple[int, str]:
         return lightning_gpus(accelerator, devices), "train.devices"
     if stage in ("fuse", "predict"):
         return device_gpus(get(stage, "device", "auto")), f"{stage}.device"
+    if stage == "zeroshot":
+        head = get("zeroshot", "head", {})
+        return device_gpus(head.get("device", "auto") if isinstance(head, Mapping) else "auto"), "zeroshot.head.device"
     raise ValueError(f"no GPU rule for stage {stage!r}")
 
 
