@@ -110,6 +110,12 @@ def test_compressed_reads_equal_the_raw_cache(images: list[str], tmp_path: Path)
         caches[fmt] = ImageCache(tmp_path / fmt)
     raw, png, jpeg = caches["raw"], caches["png"], caches["jpeg"]
     assert (png.format, jpeg.format, raw.format) == ("png", "jpeg", "raw")
+    # what a resumable training run keys its saved state on exists for every format
+    from cxrlt.training.resume import cache_identity
+
+    ids = {fmt: cache_identity(tmp_path / fmt) for fmt in caches}
+    assert "images.npy" in ids["raw"] and "images.bin" in ids["jpeg"] and "offsets.npy" in ids["png"]
+    assert len({str(v) for v in ids.values()}) == 3
     assert not (tmp_path / "jpeg" / "images.npy").exists() and not list((tmp_path / "partial").iterdir())
     rows = raw.rows(m["image_id"].sample(frac=1, random_state=0))  # out of file order
     expected = raw.read(rows)
@@ -224,6 +230,6 @@ def test_stage_1_trains_on_a_jpeg_cache(synth_caches, tmp_path: Path):
     params = {"seed": 7, "loss": "bce",
               "model": {"backbone": "mobilenetv3_small_050", "pretrained": False, "head": "linear"},
               "train": {"epochs": 1, "batch_size": 16, "progress_bar": False, "limit_train_batches": 2,
-                        "optim": {"lr": 0.003}}}  # fmt: skip
+                        "optim": {"lr": 0.003}, "state_dir": str(tmp_path / "state")}}  # fmt: skip
     info = fit(df, list(TASK1_CLASSES), root / "jpeg", params, tmp_path / "m.pt")
     assert info["n_train_images"] == int((df["split"] == "train").sum()) and (tmp_path / "m.pt").exists()

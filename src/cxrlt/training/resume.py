@@ -79,11 +79,23 @@ def cache_identity(cache_dir: str | os.PathLike) -> dict[str, Any]:
     for name in ("index.parquet", "report.json"):
         p = cache_dir / name
         out[name] = hashlib.sha256(p.read_bytes()).hexdigest() if p.exists() else None
-    images = cache_dir / "images.npy"
-    st = images.stat()
-    arr = np.load(images, mmap_mode="r")
-    out["images.npy"] = {"shape": list(arr.shape), "dtype": str(arr.dtype), "bytes": st.st_size,
-                         "mtime_ns": st.st_mtime_ns}  # fmt: skip
+    raw = cache_dir / "images.npy"
+    if raw.exists():
+        st = raw.stat()
+        arr = np.load(raw, mmap_mode="r")
+        out["images.npy"] = {"shape": list(arr.shape), "dtype": str(arr.dtype), "bytes": st.st_size,
+                             "mtime_ns": st.st_mtime_ns}  # fmt: skip
+    # A compressed cache (`cache.format: jpeg | png`): its offset table hashed (small), the
+    # encoded bytes by stat.
+    table = cache_dir / "offsets.npy"
+    if table.exists():
+        out["offsets.npy"] = hashlib.sha256(table.read_bytes()).hexdigest()
+    packed = cache_dir / "images.bin"
+    if packed.exists():
+        st = packed.stat()
+        out["images.bin"] = {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+    if not raw.exists() and not packed.exists():
+        raise DataError(f"{cache_dir}: no images.npy or images.bin; run the cache stage first (dvc repro cache)")
     return out
 
 
