@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from PIL import Image
+from test_cache import _manifest, _write  # the same image-file and manifest helpers
 
 from cxrlt.data.cache import (
     ImageCache,
@@ -38,16 +38,6 @@ def _smooth(h: int, w: int, seed: int = 0) -> np.ndarray:
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     img = 110 + 60 * np.sin(xx / 90 + seed) * np.cos(yy / 110) + 40 * np.exp(-((xx - w / 2) / (w / 5)) ** 2)
     return (img + rng.normal(0, 1.0, img.shape)).clip(0, 255).astype(np.uint8)
-
-
-def _write(path: Path, array: np.ndarray, fmt: str = "JPEG") -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
-    return str(path)
-
-
-def _manifest(paths: list[str]) -> pd.DataFrame:
-    return pd.DataFrame({"image_id": [f"id{i}" for i in range(len(paths))], "path": paths})
 
 
 @pytest.mark.parametrize("size", [128, 256, 512])
