@@ -56,10 +56,10 @@ def state_dict_mismatch(model: torch.nn.Module, state: Mapping[str, Any]) -> str
     return "; ".join(parts) or None
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> tuple[Classifier, dict[str, Any]]:
-    """Rebuild the model from the checkpoint's own config; weights must match exactly."""
+def read_checkpoint(path: str | os.PathLike, map_location: str = "cpu", stage: str = "train") -> dict[str, Any]:
+    """The checkpoint file as plain data (`weights_only`), with its required keys checked."""
     if not os.path.isfile(path):
-        raise DataError(f"checkpoint {path} not found (run the train stage)")
+        raise DataError(f"checkpoint {path} not found (run the {stage} stage)")
     bad = f"checkpoint {path} is not a valid cxrlt checkpoint"
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
@@ -76,6 +76,13 @@ def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> tuple
         raise DataError(f"{bad}: missing keys {missing}")
     if not isinstance(ckpt["model"], dict) or not isinstance(ckpt["classes"], list):
         raise DataError(f"{bad}: 'model' must be a dict and 'classes' a list")
+    return ckpt
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> tuple[Classifier, dict[str, Any]]:
+    """Rebuild the model from the checkpoint's own config; weights must match exactly."""
+    ckpt = read_checkpoint(path, map_location)
+    bad = f"checkpoint {path} is not a valid cxrlt checkpoint"
     state = ckpt["state_dict"]
     fit = f"{bad}: the weights do not fit its model config"
     try:

@@ -15,7 +15,10 @@ from cxrlt.data.manifest import label_matrix
 
 
 class CachedImages(Dataset):
-    """Images of a manifest subset from the cache, with targets and a known-label mask."""
+    """Images of a manifest subset from the cache, with targets and a known-label mask.
+
+    Targets may be soft (noisy-student pseudo-labels in [0, 1]); NaN means unknown.
+    """
 
     def __init__(self, cache: ImageCache, manifest: pd.DataFrame, classes: Sequence[str]):
         self.cache = cache
@@ -34,6 +37,33 @@ class CachedImages(Dataset):
             "mask": torch.from_numpy(self.mask[i]),
             "index": torch.tensor(i),
         }
+
+
+class ConcatImages(Dataset):
+    """Several `CachedImages` (each with its own cache: one per data source) as one dataset,
+    with the concatenated targets and mask that samplers and loss statistics read."""
+
+    def __init__(self, parts: Sequence[CachedImages]):
+        if not parts:
+            raise ValueError("ConcatImages needs at least one part")
+        widths = {p.targets.shape[1] for p in parts}
+        if len(widths) != 1:
+            raise ValueError(f"parts disagree on the number of classes: {sorted(widths)}")
+        self.parts = list(parts)
+        self.offsets = np.cumsum([0, *(len(p) for p in self.parts)])
+        self.targets = np.concatenate([p.targets for p in self.parts])
+        self.mask = np.concatenate([p.mask for p in self.parts])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        k = int(np.searchsorted(self.offsets, i, side="right")) - 1
+        item = self.parts[k][i - int(self.offsets[k])]
+        item["index"] = torch.tensor(i)
+        return item
 
 
 def keep_cached(manifest: pd.DataFrame, cache: ImageCache) -> pd.DataFrame:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,8 @@ from cxrlt.models import ModelConfig
 from cxrlt.text.embeddings import text_queries
 from cxrlt.training.augment import AugmentConfig
 from cxrlt.training.crt import CRTConfig, retrain_classifier
-from cxrlt.training.data import CachedImages, Loaders, keep_cached
+from cxrlt.training.data import CachedImages, ConcatImages, Loaders, keep_cached
+from cxrlt.training.init import InitWeights
 from cxrlt.training.launch import Layout
 from cxrlt.training.module import ImageClassifierModule, OptimConfig
 from cxrlt.training.resume import AtomicCheckpointIO, EpochState, TrainState, fingerprint
@@ -136,38 +137,109 @@ def fit(
     return trained.info
 
 
-def train_model(
-    manifest: pd.DataFrame,
-    classes: list[str],
-    cache_dir: str | os.PathLike,
-    params: Mapping[str, Any],
-    live_dir: str | os.PathLike | None = None,
-) -> Trained:
-    """Train on split "train" and load the weights of the best val mAP epoch, on every rank.
+@dataclass
+class TrainingData:
+    """The images one training run fits and selects on, and the class statistics its loss
+    and sampler use (from the training images actually used)."""
 
-    With `train.state_dir` set, a run killed after an epoch resumes from it (see
-    `cxrlt.training.resume`); the caller clears the state once the result is safe."""
-    tp = params["train"]
-    seed = int(params.get("seed", 0))
-    sampler_name = str(params.get("sampler", "random"))
-    sampler_settings = (params.get("samplers") or {}).get(sampler_name) or {}
-    check_sampler(sampler_name, sampler_settings)  # a wrong name fails before data loads
-    layout = Layout.from_params(tp)  # devices, nodes, strategy, precision: checked before data loads
-    drw_epoch, ema_decay = _schedules(tp)
-    crt = CRTConfig.from_params(tp.get("crt"), params.get("samplers"))
-    L.seed_everything(seed, workers=True)
-    if int(tp.get("threads", 0)) > 0:
-        torch.set_num_threads(int(tp["threads"]))
-    cache = ImageCache(cache_dir)
-    # what made the pixels, for the checkpoint (a bad setting fails before training)
-    preprocessing = Preprocessing.from_params(dict(params), cache.size)
+    train: CachedImages | ConcatImages
+    val: CachedImages | ConcatImages
+    counts: np.ndarray  # (soft) positives per class among the training images
+    prevalence: np.ndarray  # counts / images whose label is known, per class
+
+    @classmethod
+    def of(cls, train: CachedImages | ConcatImages, val: CachedImages | ConcatImages) -> TrainingData:
+        counts = (train.targets * train.mask).sum(axis=0, dtype=np.float64)
+        known = train.mask.sum(axis=0)
+        return cls(train, val, counts, counts / np.maximum(known, 1))
+
+
+def cxrlt_data(
+    manifest: pd.DataFrame, classes: list[str], cache: ImageCache
+) -> tuple[TrainingData, pd.DataFrame]:
+    """Splits train and val of the CXR-LT manifest (images the cache could not read dropped)."""
     manifest = keep_cached(manifest, cache)
     train_df = manifest[manifest["split"] == "train"].reset_index(drop=True)
     val_df = manifest[manifest["split"] == "val"].reset_index(drop=True)
     if len(train_df) == 0 or len(val_df) == 0:
         raise ValueError(f"need train and val images, got {len(train_df)} and {len(val_df)}")
     counts, n_train = train_counts(manifest, classes)
-    prevalence = counts / n_train
+    data = TrainingData(CachedImages(cache, train_df, classes), CachedImages(cache, val_df, classes),
+                        counts, counts / n_train)  # fmt: skip
+    return data, manifest
+
+
+def train_model(
+    manifest: pd.DataFrame,
+    classes: list[str],
+    cache_dir: str | os.PathLike,
+    params: Mapping[str, Any],
+    live_dir: str | os.PathLike | None = None,
+    *,
+    data: TrainingData | None = None,
+    init: InitWeights | None = None,
+) -> Trained:
+    """Train on split "train" and load the weights of the best val mAP epoch, on every rank.
+
+    `data` replaces the CXR-LT train/val images (noisy-student rounds); `manifest` still gives
+    the training counts recorded for head/medium/tail. `init` (default: from `train.init`)
+    sets the starting weights. With `train.state_dir` set, a run killed after an epoch
+    resumes from it (see `cxrlt.training.resume`); the caller clears the state once the
+    result is safe."""
+    check_training_params(params)  # bad settings fail before data loads
+    if init is None:
+        init = InitWeights.from_params(params)
+    cache = ImageCache(cache_dir)
+    # what made the pixels, for the checkpoint (a bad setting fails before training)
+    preprocessing = Preprocessing.from_params(dict(params), cache.size)
+    own, manifest = cxrlt_data(manifest, classes, cache)
+    counts, n_train = train_counts(manifest, classes)
+
+    def key() -> dict[str, Any]:
+        return fingerprint(params, classes, manifest, cache_dir, init.identity())
+
+    return train_on(own if data is None else data, classes, params, live_dir, init=init,
+                    preprocessing=preprocessing, group_counts=(counts, n_train), resume_key=key)  # fmt: skip
+
+
+def check_training_params(params: Mapping[str, Any]) -> None:
+    """The settings `train_on` reads, checked without touching data."""
+    tp = params["train"]
+    name = str(params.get("sampler", "random"))
+    check_sampler(name, (params.get("samplers") or {}).get(name) or {})
+    Layout.from_params(tp)  # devices, nodes, strategy, precision
+    _schedules(tp)
+    CRTConfig.from_params(tp.get("crt"), params.get("samplers"))
+
+
+def train_on(
+    data: TrainingData,
+    classes: list[str],
+    params: Mapping[str, Any],
+    live_dir: str | os.PathLike | None,
+    *,
+    init: InitWeights,
+    preprocessing: Preprocessing,
+    group_counts: tuple[np.ndarray, int],
+    resume_key: Callable[[], dict[str, Any]] | None = None,
+) -> Trained:
+    """The training run itself on any images (CXR-LT, external sources, pseudo-labelled).
+
+    `group_counts` (positives per class, training images) is what the checkpoint records for
+    the head/medium/tail rule; `resume_key` (the fingerprint) is needed for `train.state_dir`.
+    """
+    tp = params["train"]
+    seed = int(params.get("seed", 0))
+    sampler_name = str(params.get("sampler", "random"))
+    sampler_settings = (params.get("samplers") or {}).get(sampler_name) or {}
+    check_sampler(sampler_name, sampler_settings)
+    layout = Layout.from_params(tp)
+    drw_epoch, ema_decay = _schedules(tp)
+    crt = CRTConfig.from_params(tp.get("crt"), params.get("samplers"))
+    L.seed_everything(seed, workers=True)
+    if int(tp.get("threads", 0)) > 0:
+        torch.set_num_threads(int(tp["threads"]))
+    counts, n_train = group_counts
     model_cfg = ModelConfig.from_params(dict(params["model"]))
     queries = text_queries(params, classes)  # None unless model.head_args.queries is text
     module = ImageClassifierModule(
@@ -175,29 +247,32 @@ def train_model(
         classes=classes,
         loss=params["loss"],
         loss_settings=params.get("losses", {}).get(params["loss"], {}),
-        prevalence=prevalence,
+        prevalence=data.prevalence,
         optim=_sub(OptimConfig, tp.get("optim", {}), "train.optim"),
         augment=_sub(AugmentConfig, tp.get("augment", {}), "train.augment"),
         seed=seed,
-        counts=counts,
+        counts=data.counts,
         drw_epoch=drw_epoch,
         ema_decay=ema_decay,
         query_embeddings=None if queries is None else queries.vectors,
     )
+    init_record = init.apply(module.model)
+    if init_record is not None and module.ema is not None:  # the average starts from the initial weights
+        module.ema.load_state_dict(module.model.state_dict())
     workers = int(tp.get("num_workers", 0))
     bs = int(tp["batch_size"])
-    train_set = CachedImages(cache, train_df, classes)
     sampler = build_sampler(
-        sampler_name, sampler_settings, train_set.targets, train_set.mask, classes, seed
+        sampler_name, sampler_settings, data.train.targets, data.train.mask, classes, seed
     )
-    val_set = CachedImages(cache, val_df, classes)
     loaders = Loaders(
-        train_set, val_set, sampler, bs, int(tp.get("eval_batch_size", bs)), workers, seed,
+        data.train, data.val, sampler, bs, int(tp.get("eval_batch_size", bs)), workers, seed,
     )  # fmt: skip
 
     state, callbacks = None, []
     if tp.get("state_dir"):
-        state = TrainState(tp["state_dir"], fingerprint(params, classes, manifest, cache_dir), rank_zero_only.rank)
+        if resume_key is None:
+            raise ValueError("train.state_dir needs a resume_key (the run's fingerprint)")
+        state = TrainState(tp["state_dir"], resume_key(), rank_zero_only.rank)
         state.prepare()
         callbacks.append(EpochState(state.ckpt, state.fp["digest"], state.resume_from is not None,
                                     None if live_dir is None else Path(live_dir)))  # fmt: skip
@@ -247,11 +322,13 @@ def train_model(
         "epoch_length": sampler.epoch_length,
         "seed": seed,
     }
+    if init_record is not None:  # recorded only when not from scratch: default checkpoints stay as they were
+        info["init"] = init_record
     if queries is not None:  # what a new label set's embeddings must match (zero-shot scoring)
         info["label_embeddings"] = {**queries.recipe, "file": str(params["text"]["out"])}
     if crt.epochs > 0:  # recorded only when on: the default checkpoint stays as it was
         info["crt"] = retrain_classifier(
-            module.model, module.criterion, train_set, val_set, classes, crt,
+            module.model, module.criterion, data.train, data.val, classes, crt,
             (params.get("samplers") or {}).get(crt.sampler), seed, best.best_score,
         )  # fmt: skip
     return Trained(module, info, int(trainer.global_rank), list(best.history), state)

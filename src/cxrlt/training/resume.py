@@ -106,7 +106,8 @@ def manifest_identity(manifest: pd.DataFrame) -> str:
 
 
 def fingerprint(
-    params: Mapping[str, Any], classes: list[str], manifest: pd.DataFrame, cache_dir: str | os.PathLike
+    params: Mapping[str, Any], classes: list[str], manifest: pd.DataFrame, cache_dir: str | os.PathLike,
+    init: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Everything that decides a training run, each part hashed, so a mismatch can be named."""
     train = {k: v for k, v in dict(params["train"]).items() if k not in NOT_FINGERPRINTED}
@@ -119,6 +120,8 @@ def fingerprint(
         "cache": _digest(cache_identity(cache_dir)),
         "code": code_version(),
     }
+    if init is not None and init.get("kind", "scratch") != "scratch":  # the starting weights' contents
+        parts["init"] = _digest(dict(init))
     head_args = (params.get("model") or {}).get("head_args") or {}
     out = (params.get("text") or {}).get("out")
     if head_args.get("queries") == "text" and out and os.path.isfile(out):
