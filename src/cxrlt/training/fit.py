@@ -193,13 +193,12 @@ def train_model(
     # what made the pixels, for the checkpoint (a bad setting fails before training)
     preprocessing = Preprocessing.from_params(dict(params), cache.size)
     own, manifest = cxrlt_data(manifest, classes, cache)
-    counts, n_train = train_counts(manifest, classes)
 
     def key() -> dict[str, Any]:
         return fingerprint(params, classes, manifest, cache_dir, init.identity())
 
     return train_on(own if data is None else data, classes, params, live_dir, init=init,
-                    preprocessing=preprocessing, group_counts=(counts, n_train), resume_key=key)  # fmt: skip
+                    preprocessing=preprocessing, group_counts=(own.counts, len(own.train)), resume_key=key)  # fmt: skip
 
 
 def check_training_params(params: Mapping[str, Any]) -> None:
