@@ -26,9 +26,10 @@ Soft targets: every loss in SOFT_TARGET_LOSSES is a sum t * (positive term) + (1
 same rule as for hard labels (`cxrlt.training.samplers`): a pseudo-label counts where the
 teacher calls it positive.
 
-Resume: the teacher keeps `train.state_dir` (a run killed during a round restarts with the
-finished teacher restored from it); students run from scratch. Under DDP every rank predicts
-with the same weights and then takes rank 0's table; rank 0 writes the files.
+Resume: the teacher keeps `train.state_dir` as plain stage 1 does, and its state is cleared
+only once the checkpoint is written, so a run killed during a round takes the finished teacher
+from it instead of training it again; students are never resumed. Under DDP every rank
+predicts with the same weights and then takes rank 0's table; rank 0 writes the files.
 """
 
 from __future__ import annotations
