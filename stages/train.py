@@ -1,4 +1,5 @@
-"""Stage train: fit the image-level classifier (loss, model, schedule from params).
+"""Stage train: fit the image-level classifier (loss, model, schedule from params), then the
+noisy-student rounds (noisy_student.rounds; 0: none).
 
 In a SLURM batch job with several tasks the stage re-runs itself under srun, one process per
 task, before it loads anything (src/cxrlt/training/launch.py).
@@ -11,8 +12,8 @@ from cxrlt.gpus import claims_gpus
 from cxrlt.labels import training_classes
 from cxrlt.params import load_params
 from cxrlt.stage import read_parquet, run_stage
-from cxrlt.training.fit import fit
 from cxrlt.training.launch import relaunch_under_srun
+from cxrlt.training.student import train_stage1
 
 
 def main() -> None:
@@ -28,13 +29,20 @@ def train() -> None:
     classes = list(training_classes(params["task"]))
     manifest = read_parquet(params["data"]["manifest"], "data.manifest", "prepare")
     t = params["train"]
-    info = fit(manifest, classes, params["cache"]["dir"], params, t["checkpoint"], live_dir=t["live_dir"])
+    info = train_stage1(manifest, classes, params["cache"]["dir"], params, t["checkpoint"], live_dir=t["live_dir"])
     print(f"train: sampler {info['sampler']} ({info['epoch_length']} images per epoch), "
           f"best val mAP {info['val_mAP']:.4f} at epoch {info['best_epoch'] + 1} -> {t['checkpoint']}")
     if "crt" in info:
         c = info["crt"]
         print(f"train: cRT ({c['epochs']} epochs, {c['sampler']} sampler): val mAP "
               f"{c['val_mAP_before']:.4f} -> {c['val_mAP']:.4f} (cRT epoch {c['best_epoch'] + 1})")
+    if "noisy_student" in info:
+        ns = info["noisy_student"]
+        for r in ns["rounds"]:
+            print(f"train: noisy student round {r['round']}: {r['pseudo_images']} pseudo-labelled images, "
+                  f"val mAP {r['val_mAP']}")
+        kept = "the teacher" if ns["selected"] == 0 else f"the round-{ns['selected']} student"
+        print(f"train: noisy student: saved {kept} (best val mAP) -> {t['checkpoint']}")
 
 
 if __name__ == "__main__":
