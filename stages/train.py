@@ -8,6 +8,8 @@ task, before it loads anything (src/cxrlt/training/launch.py).
 import os
 import sys
 
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
 from cxrlt.gpus import claims_gpus
 from cxrlt.labels import training_classes
 from cxrlt.params import load_params
@@ -30,6 +32,8 @@ def train() -> None:
     manifest = read_parquet(params["data"]["manifest"], "data.manifest", "prepare")
     t = params["train"]
     info = train_stage1(manifest, classes, params["cache"]["dir"], params, t["checkpoint"], live_dir=t["live_dir"])
+    if rank_zero_only.rank != 0:  # under DDP every rank holds the same result; one reports it
+        return
     print(f"train: sampler {info['sampler']} ({info['epoch_length']} images per epoch), "
           f"best val mAP {info['val_mAP']:.4f} at epoch {info['best_epoch'] + 1} -> {t['checkpoint']}")
     if "crt" in info:

@@ -301,3 +301,10 @@ def test_bad_crt_settings_fail_before_data_loads(crt, message, tmp_path: Path):
     params["train"]["crt"] = crt
     with pytest.raises(DataError, match=message):
         fit(df, CLASSES, tmp_path / "no-cache", params, tmp_path / "x.pt")
+
+
+def test_fewer_training_images_than_a_batch_is_one_clear_error(prepared, tmp_path: Path):
+    df, cache_dir = prepared
+    small = df[(df["split"] != "train") | df.index.isin(df.index[df["split"] == "train"][:5])]
+    with pytest.raises(DataError, match="5 training images per epoch, fewer than train.batch_size 16"):
+        fit(small, CLASSES, cache_dir, _params(), tmp_path / "x.pt")

@@ -263,6 +263,9 @@ def train_on(
     sampler = build_sampler(
         sampler_name, sampler_settings, data.train.targets, data.train.mask, classes, seed
     )
+    if sampler.epoch_length < bs:  # training drops the last partial batch: no step at all
+        raise DataError(f"{sampler.epoch_length} training images per epoch, fewer than train.batch_size {bs}: "
+                        "no full batch to train on; lower train.batch_size")  # fmt: skip
     loaders = Loaders(
         data.train, data.val, sampler, bs, int(tp.get("eval_batch_size", bs)), workers, seed,
     )  # fmt: skip
