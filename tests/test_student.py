@@ -217,7 +217,7 @@ def test_zero_rounds_is_plain_stage1_byte_for_byte(prepared, external, tmp_path:
     ({"device": "abacus"}, r"noisy_student.device"),
     ({"pseudo_dir": ""}, r"noisy_student.pseudo_dir"),
     ({"rounds": 1, "loss": "hard_only"}, r"loss 'hard_only' is not checked for soft targets.*bce, wbce"),
-    ({"section": None}, r"no noisy_student section"),
+    ({"section": None}, r"no `noisy_student` section"),
 ])  # fmt: skip
 def test_bad_params_fail_before_data_loads(external, tmp_path: Path, update: dict, message: str):
     params = _ns_params(external, tmp_path)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +71,24 @@ def section(params: Mapping[str, Any], key: str) -> Any:
             raise DataError(f"params.yaml: missing key {key!r}")
         node = node[part]
     return node
+
+
+def check_keys(settings: Mapping[str, Any], valid: Iterable[str], where: str) -> None:
+    """One line naming a params section's unknown keys and the valid ones (a typo in a
+    knob would otherwise be ignored silently)."""
+    valid = sorted(valid)
+    unknown = sorted(set(settings) - set(valid))
+    if unknown:
+        raise DataError(f"params {where}: unknown keys {unknown}; valid: {valid}")
+
+
+def settings_section(params: Mapping[str, Any], name: str, valid: Iterable[str]) -> Mapping[str, Any]:
+    """params[name], which must be a mapping holding only `valid` keys."""
+    found = params.get(name)
+    if not isinstance(found, Mapping):
+        raise DataError(f"params.yaml: no `{name}` section (see the repository's params.yaml)")
+    check_keys(found, valid, name)
+    return found
 
 
 # `yaml.safe_dump(load_params())` (tests, scripts writing a changed params.yaml) sees a dict.

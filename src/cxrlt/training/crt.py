@@ -26,6 +26,7 @@ from cxrlt.errors import DataError
 from cxrlt.metrics import average_precision
 from cxrlt.models.classifier import Classifier
 from cxrlt.models.heads import LinearHead
+from cxrlt.params import check_keys
 from cxrlt.training.data import CachedImages
 from cxrlt.training.samplers import build_sampler, check_sampler
 
@@ -42,9 +43,7 @@ class CRTConfig:
     def from_params(cls, params: Mapping[str, Any] | None, samplers: Mapping[str, Any] | None) -> CRTConfig:
         """Checked before any data loads: unknown keys, epochs < 0, an unknown sampler."""
         params = dict(params or {})
-        unknown = sorted(set(params) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise DataError(f"params train.crt: unknown keys {unknown}; valid: {sorted(cls.__dataclass_fields__)}")
+        check_keys(params, cls.__dataclass_fields__, "train.crt")
         cfg = cls(**params)
         if isinstance(cfg.epochs, bool) or not isinstance(cfg.epochs, int) or cfg.epochs < 0:
             raise DataError(f"params train.crt.epochs must be an integer >= 0 (0: off), got {cfg.epochs!r}")

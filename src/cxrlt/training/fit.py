@@ -28,6 +28,7 @@ from cxrlt.data.cache import ImageCache, Preprocessing
 from cxrlt.data.manifest import label_matrix
 from cxrlt.errors import DataError
 from cxrlt.models import ModelConfig
+from cxrlt.params import check_keys
 from cxrlt.text.embeddings import text_queries
 from cxrlt.training.augment import AugmentConfig
 from cxrlt.training.crt import CRTConfig, retrain_classifier
@@ -42,9 +43,7 @@ log = logging.getLogger(__name__)
 
 
 def _sub(cls: type, params: Mapping[str, Any], where: str) -> Any:
-    unknown = sorted(set(params) - set(cls.__dataclass_fields__))
-    if unknown:
-        raise DataError(f"params {where}: unknown keys {unknown}; valid: {sorted(cls.__dataclass_fields__)}")
+    check_keys(params, cls.__dataclass_fields__, where)
     return cls(**params)
 
 

@@ -35,6 +35,7 @@ from cxrlt.inference import (
 from cxrlt.losses import build_loss
 from cxrlt.metrics import average_precision
 from cxrlt.models.fusion import FusionConfig, FusionModel
+from cxrlt.params import settings_section
 from cxrlt.training.data import keep_cached
 
 
@@ -66,12 +67,7 @@ FUSE_KEYS = ("checkpoint", "live_dir", "model", *FuseTrainConfig.__dataclass_fie
 
 def fuse_settings(params: Mapping[str, Any]) -> tuple[FusionConfig, FuseTrainConfig]:
     """`fuse.model` and the training knobs, checked before any data loads."""
-    fp = params.get("fuse")
-    if not isinstance(fp, Mapping):
-        raise DataError("params.yaml: no `fuse` section (see the repository's params.yaml)")
-    unknown = sorted(set(fp) - set(FUSE_KEYS))
-    if unknown:
-        raise DataError(f"params fuse: unknown keys {unknown}; valid: {sorted(FUSE_KEYS)}")
+    fp = settings_section(params, "fuse", FUSE_KEYS)
     return FusionConfig.from_params(dict(fp.get("model") or {})), FuseTrainConfig.from_params(fp)
 
 

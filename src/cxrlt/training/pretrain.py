@@ -20,6 +20,7 @@ from cxrlt.errors import DataError
 from cxrlt.io import write_text
 from cxrlt.labels import training_classes
 from cxrlt.models import ModelConfig
+from cxrlt.params import settings_section
 from cxrlt.training.init import InitWeights
 from cxrlt.training.sources import annotated_classes, check_sources, images, load_sources
 
@@ -45,12 +46,7 @@ class PretrainConfig:
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> PretrainConfig:
-        p = params.get("pretrain")
-        if not isinstance(p, Mapping):
-            raise DataError("params.yaml has no pretrain section")
-        unknown = sorted(set(p) - set(KEYS))
-        if unknown:
-            raise DataError(f"params pretrain: unknown keys {unknown}; valid: {sorted(KEYS)}")
+        p = settings_section(params, "pretrain", KEYS)
         if "checkpoint" not in p:
             raise DataError("params pretrain.checkpoint is missing")
         epochs = p.get("epochs", 4)

@@ -53,6 +53,7 @@ from cxrlt.errors import DataError
 from cxrlt.inference import predict, resolve_device
 from cxrlt.io import write_json, write_parquet
 from cxrlt.models import Classifier
+from cxrlt.params import settings_section
 from cxrlt.training.data import CachedImages, ConcatImages
 from cxrlt.training.fit import TrainingData, check_training_params, cxrlt_data, fit, train_model
 from cxrlt.training.init import InitWeights
@@ -82,12 +83,7 @@ class NoisyStudentConfig:
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> NoisyStudentConfig:
         """The `noisy_student` section, checked before any data loads."""
-        p = params.get("noisy_student")
-        if not isinstance(p, Mapping):
-            raise DataError("params.yaml has no noisy_student section (noisy_student.rounds: 0 turns it off)")
-        unknown = sorted(set(p) - set(KEYS))
-        if unknown:
-            raise DataError(f"params noisy_student: unknown keys {unknown}; valid: {sorted(KEYS)}")
+        p = settings_section(params, "noisy_student", KEYS)
         pseudo_dir = p.get("pseudo_dir")
         if not isinstance(pseudo_dir, str) or not pseudo_dir:
             raise DataError(f"params noisy_student.pseudo_dir must be a folder path, got {pseudo_dir!r}")
