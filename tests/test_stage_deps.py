@@ -119,3 +119,22 @@ def test_crawler_follows_function_level_and_from_imports(tmp_path):
     files = {str(p.relative_to(SRC)) for p in imported_files(script) if p != script}
     assert {"cxrlt/metrics.py", "cxrlt/data/cache.py", "cxrlt/data/__init__.py"} <= files
     assert "cxrlt/labels.py" in files  # metrics imports labels: transitive
+
+
+def test_stage_scripts_import_their_own_checkouts_code(tmp_path: Path):
+    """`dvc exp run --queue` runs each experiment in a copy of the repository, while the editable
+    install points at the main checkout's src/: without `stages/cxrlt` (a link to ../src/cxrlt,
+    first on a stage script's path) a queued run would execute whatever the main checkout's code
+    is at that moment, not the code its dvc.lock records."""
+    import shutil
+    import subprocess
+    import sys
+
+    assert (ROOT / "stages" / "cxrlt").is_symlink() and (ROOT / "stages" / "cxrlt").resolve() == SRC / "cxrlt"
+    copy = tmp_path / "exp"
+    shutil.copytree(ROOT / "stages", copy / "stages", symlinks=True)
+    shutil.copytree(SRC, copy / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    (copy / "stages" / "probe.py").write_text("import cxrlt.stage\nprint(cxrlt.stage.__file__)\n")
+    out = subprocess.run([sys.executable, str(copy / "stages" / "probe.py")], capture_output=True, text=True,
+                         check=True, cwd=copy).stdout.strip()  # fmt: skip
+    assert Path(out).resolve() == (copy / "src" / "cxrlt" / "stage.py").resolve()
