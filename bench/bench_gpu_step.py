@@ -3,8 +3,9 @@ bf16 autocast + channels_last + fused AdamW + torch.compile against an fp16, eag
 the same call, and the data path (JPEG-cache decode + batch augmentation) in the same run, so
 the table says whether the GPU waits for data.
 
-Usage: python bench/bench_gpu_step.py [--n 64] [--steps 20] [--out table.md]
-Without CUDA it says so, measures the CPU side of the data path only, and exits 0.
+Usage: python bench/bench_gpu_step.py [--n 64] [--steps 20] [--workers 0 4 8] [--out table.md]
+Rows are printed (and the --out table rewritten) as they are measured, so a run cut short keeps
+what it finished. Without CUDA it says so, measures the CPU side of the data path only, and exits 0.
 """
 
 from __future__ import annotations
@@ -46,13 +47,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=64, help="images in each JPEG cache")
     ap.add_argument("--steps", type=int, default=20, help="timed steps per configuration")
+    ap.add_argument("--workers", type=int, nargs="*", default=[0, 4, 8],
+                    help="DataLoader worker counts for the CPU-decode data path")  # fmt: skip
     ap.add_argument("--out", help="also write the table here (markdown)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         caches = jpeg_caches(Path(tmp), args.n)
         if torch.cuda.is_available():
-            rows = gpu_rows(caches, steps=args.steps)
-            note = ""
+            rows, note = [], ""
+            for row in gpu_rows(caches, steps=args.steps, workers=args.workers):
+                rows.append(row)
+                print(format_table([row]).splitlines()[-1], flush=True)
+                if args.out:
+                    Path(args.out).write_text(f"{format_table(rows)}\n")
         else:
             # The CPU side of the data path still runs here, so this script is not dead code.
             rows = [Row(f"data path {size} px, jpeg cache, batch {batch}", "CPU decode + CPU augmentation",

@@ -14,7 +14,7 @@ import os
 import platform
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -277,26 +277,47 @@ def _sync(device: object) -> None:
         torch.cuda.synchronize(device)
 
 
-def gpu_step_rate(backbone: str, size: int, batch: int, fast: bool, steps: int = 20, warmup: int = 5,
-                  num_classes: int = 40) -> float:  # fmt: skip
-    """Training images/s of one full optimisation step on CUDA (normalise, batch augmentation,
-    forward, ASL, backward, AdamW), from a uint8 batch already on the GPU.
-    fast: bf16 autocast + channels_last + fused AdamW + torch.compile;
-    else the baseline: fp16 autocast + GradScaler, contiguous, AdamW's default (foreach), eager."""
+@dataclass(frozen=True)
+class StepVariant:
+    """How a training step runs: autocast dtype (None: float32), memory layout, AdamW kind, compile."""
+
+    name: str
+    dtype: str | None
+    channels_last: bool
+    fused: bool
+    compile: bool
+
+
+BASELINE = StepVariant("baseline: fp16 autocast + GradScaler, eager, contiguous, AdamW (foreach)",
+                       "float16", False, False, False)  # fmt: skip
+STEP_VARIANTS = (
+    BASELINE,
+    StepVariant("fp32 (train.precision 32-true), eager, channels_last, AdamW (foreach)", None, True, False, False),
+    StepVariant("bf16 autocast + channels_last + fused AdamW, eager", "bfloat16", True, True, False),
+    StepVariant("bf16 autocast + channels_last + fused AdamW + torch.compile (model)", "bfloat16", True, True, True),
+)
+
+
+def gpu_step_rate(backbone: str, size: int, batch: int, variant: StepVariant, steps: int = 20, warmup: int = 5,
+                  num_classes: int = 40, device: str = "cuda") -> float:  # fmt: skip
+    """Training images/s of one full optimisation step as the train stage runs it (normalise,
+    batch augmentation, forward, ASL, backward, AdamW), from a uint8 batch already on the device
+    (CUDA; the CPU only so that the same code can be exercised without a GPU). torch.compile
+    wraps the model (backbone + head), not the augmentation, whose random draws would make
+    it recompile."""
     import torch
 
     from cxrlt.losses import build_loss
     from cxrlt.models import ModelConfig, build_model
     from cxrlt.training.augment import AugmentConfig, augment_batch
 
-    dev = torch.device("cuda")
+    dev = torch.device(device)
     torch.manual_seed(0)
-    model = build_model(ModelConfig(backbone=backbone, channels_last=fast), num_classes).to(dev)
-    if fast:
-        model = model.to(memory_format=torch.channels_last)
-    loss_fn = build_loss("asl", {}, np.full(num_classes, 0.05, np.float32))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True if fast else None)
-    scaler = torch.amp.GradScaler("cuda", enabled=not fast)
+    model = build_model(ModelConfig(backbone=backbone, channels_last=variant.channels_last), num_classes).to(dev)
+    loss_fn = build_loss("asl", {}, np.full(num_classes, 0.05, np.float32)).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True if variant.fused else None)
+    fp16 = variant.dtype == "float16"
+    scaler = torch.amp.GradScaler(dev.type, enabled=fp16)
     x = torch.randint(0, 255, (batch, size, size), dtype=torch.uint8, device=dev)
     y = (torch.rand(batch, num_classes, device=dev) < 0.1).float()
     mask = torch.ones_like(y, dtype=torch.bool)
@@ -304,15 +325,15 @@ def gpu_step_rate(backbone: str, size: int, batch: int, fast: bool, steps: int =
     aug = AugmentConfig()
     std = model.cfg.std
 
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        return model.head(model.features(augment_batch(model.normalise(x), aug, gen, std)))
+    def net(z: torch.Tensor) -> torch.Tensor:
+        return model.head(model.features(z))
 
-    fwd = torch.compile(forward) if fast else forward
-    dtype = torch.bfloat16 if fast else torch.float16
+    net_fn = torch.compile(net) if variant.compile else net
+    dtype = getattr(torch, variant.dtype) if variant.dtype else torch.float32
 
     def step() -> None:
-        with torch.autocast("cuda", dtype=dtype):
-            logits = fwd(x)
+        with torch.autocast(dev.type, dtype=dtype, enabled=variant.dtype is not None):
+            logits = net_fn(augment_batch(model.normalise(x), aug, gen, std))
         loss = loss_fn(logits.float(), y, mask)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -322,37 +343,52 @@ def gpu_step_rate(backbone: str, size: int, batch: int, fast: bool, steps: int =
     model.train()
     for _ in range(warmup):
         step()
-    torch.cuda.synchronize()
+    _sync(dev)
     t = time.perf_counter()
     for _ in range(steps):
         step()
-    torch.cuda.synchronize()
+    _sync(dev)
     return steps * batch / (time.perf_counter() - t)
 
 
-GPU_CONFIGS = (("convnext_small", 1024, 16), ("mobilenetv3_small_050", 512, 64))
+GPU_CONFIGS = (("mobilenetv3_small_050", 512, 64), ("convnext_small", 1024, 16))
 
 
-def gpu_rows(caches: dict[int, Path], steps: int = 20, loader_workers: int = 0) -> list[Row]:
+def loader_rate(cache: ImageCache, batch: int, workers: int, min_images: int = 512) -> float:
+    """images/s of the training DataLoader (CPU decode in `workers` processes) over `cache`,
+    the best of two passes of at least `min_images`."""
+    from cxrlt.training.data import CachedImages, make_loader
+
+    data = _Repeat(CachedImages(cache, pd.DataFrame({"image_id": cache.row.index}), []),
+                   max(1, -(-min_images // len(cache.row))))  # fmt: skip
+    loader = make_loader(data, batch, False, workers, seed=0)
+    rate = _best_rates({"x": lambda: sum(len(b["image"]) for b in loader)}, 2)["x"]
+    return rate
+
+
+def gpu_rows(caches: dict[int, Path], steps: int = 20, workers: Sequence[int] = ()) -> Iterator[Row]:
     """The GPU step (fast vs baseline, same call) and the data path at the same size, so the
-    table says whether the GPU waits for data. Needs CUDA."""
+    table says whether the GPU waits for data: one process decoding on the CPU, the training
+    DataLoader with each of `workers` processes, and batched nvJPEG. Rows come as they are
+    measured (the cheap ones first), so a run cut short still reports what it finished. Needs CUDA."""
     import torch
 
     host = f"{torch.cuda.get_device_name(0)}; {machine()}"
-    out = []
     for backbone, size, batch in GPU_CONFIGS:
-        base = gpu_step_rate(backbone, size, batch, fast=False, steps=steps)
-        fast = gpu_step_rate(backbone, size, batch, fast=True, steps=steps)
         what = f"GPU train step {size} px, {backbone}, batch {batch}"
-        out.append(Row(what, "baseline: fp16 autocast, eager, contiguous, AdamW", base, "images/s", 1.0, host))
-        out.append(Row(what, "bf16 autocast + channels_last + fused AdamW + torch.compile", fast, "images/s",
-                       fast / base, host))  # fmt: skip
+        rates = {}
+        for variant in STEP_VARIANTS[:-1]:
+            rates[variant] = gpu_step_rate(backbone, size, batch, variant, steps=steps)
+            yield Row(what, variant.name, rates[variant], "images/s", rates[variant] / rates[BASELINE], host)
+        data = []
         if size in caches:
             cache = ImageCache(caches[size])
-            for gpu_decode, name in ((False, "CPU decode (1 process) + GPU augmentation"),
-                                     (True, "batched nvJPEG decode + GPU augmentation")):  # fmt: skip
-                rate = data_path_rate(cache, batch, "cuda", steps, gpu_decode)
-                waits = "the GPU waits for data" if rate < fast else "data keeps up"
-                out.append(Row(f"data path {size} px, jpeg cache, batch {batch}", name, rate, "images/s",
-                               rate / fast, host, f"× the fast step; {waits}"))  # fmt: skip
-    return out
+            data.append(("CPU decode (1 process) + GPU augmentation", data_path_rate(cache, batch, "cuda", steps, False)))
+            data.append(("batched nvJPEG decode + GPU augmentation", data_path_rate(cache, batch, "cuda", steps, True)))
+            data += [(f"training DataLoader, {w} workers (CPU decode)", loader_rate(cache, batch, w)) for w in workers]
+        fast = gpu_step_rate(backbone, size, batch, STEP_VARIANTS[-1], steps=steps)
+        yield Row(what, STEP_VARIANTS[-1].name, fast, "images/s", fast / rates[BASELINE], host)
+        for name, rate in data:
+            waits = "the GPU waits for data" if rate < fast else "data keeps up"
+            yield Row(f"data path {size} px, jpeg cache, batch {batch}", name, rate, "images/s", rate / fast, host,
+                      f"× the compiled bf16 step; {waits}")  # fmt: skip
