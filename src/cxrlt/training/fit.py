@@ -253,6 +253,7 @@ def train_on(
         drw_epoch=drw_epoch,
         ema_decay=ema_decay,
         query_embeddings=None if queries is None else queries.vectors,
+        compile_model=layout.compile,
     )
     init_record = init.apply(module.model)
     if init_record is not None and module.ema is not None:  # the average starts from the initial weights

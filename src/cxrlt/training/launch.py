@@ -51,6 +51,7 @@ class Layout:
     num_nodes: int = 1
     strategy: str = "auto"
     precision: str = "32-true"
+    compile: bool = False  # torch.compile the model's training forward (not a Trainer argument)
 
     @classmethod
     def from_params(cls, tp: Mapping[str, Any]) -> Layout:
@@ -76,7 +77,10 @@ class Layout:
         precision = str(tp.get("precision", "32-true"))
         if precision not in _precisions():
             raise DataError(f"params train.precision must be one of {list(_precisions())}, got {precision!r}")
-        return cls(accelerator, devices, int(num_nodes), strategy, precision)
+        compile_model = tp.get("compile", False)
+        if not isinstance(compile_model, bool):
+            raise DataError(f"params train.compile must be true or false, got {compile_model!r}")
+        return cls(accelerator, devices, int(num_nodes), strategy, precision, compile_model)
 
     def trainer_kwargs(self, env: Mapping[str, str]) -> dict[str, Any]:
         """Arguments for L.Trainer. Inside a SLURM task, devices "auto" means the tasks per node

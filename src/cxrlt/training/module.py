@@ -58,6 +58,7 @@ class ImageClassifierModule(L.LightningModule):
         drw_epoch: int | None = None,
         ema_decay: float = 0.0,
         query_embeddings: torch.Tensor | None = None,
+        compile_model: bool = False,
     ):
         super().__init__()
         self.classes = list(classes)
@@ -77,6 +78,9 @@ class ImageClassifierModule(L.LightningModule):
         self.ema_decay = float(ema_decay)
         self.optim, self.augment = optim, augment
         self.aug_gen = torch.Generator().manual_seed(seed)
+        # A function, not a module attribute, so state_dict keys stay those of self.model.
+        # The augmentation stays outside: its random draws would make the graph recompile.
+        self._net = torch.compile(self._logits) if compile_model else self._logits
         self._val_scores: list[torch.Tensor] = []
         self._val_targets: list[torch.Tensor] = []
         self._val_masks: list[torch.Tensor] = []
@@ -92,10 +96,13 @@ class ImageClassifierModule(L.LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
 
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.head(self.model.features(x))
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x = self.model.normalise(batch["image"])
         x = augment_batch(x, self.augment, self.aug_gen, std=self.model.cfg.std)
-        logits = self.model.head(self.model.features(x))
+        logits = self._net(x)
         loss = self.criterion(logits, batch["target"], batch["mask"])
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(x))
         return loss
@@ -145,9 +152,13 @@ class ImageClassifierModule(L.LightningModule):
         for name, p in self.named_parameters():
             if p.requires_grad:
                 (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+        # The fused CUDA kernel (one launch for all tensors) where every parameter is on a GPU;
+        # elsewhere AdamW's default, so CPU runs are unchanged.
+        fused = all(p.is_cuda for p in decay + no_decay) or None
         opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": self.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=self.optim.lr,
+            fused=fused,
         )
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = int(total * self.optim.warmup_fraction)

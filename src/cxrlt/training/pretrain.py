@@ -27,7 +27,7 @@ from cxrlt.training.sources import annotated_classes, check_sources, images, loa
 KEYS = ("sources", "checkpoint", "live_dir", "epochs", "loss", "loss_settings", "batch_size", "optim", "dropout")
 # What pretraining takes from `train` and `model` (dvc.yaml lists exactly these, so that
 # e.g. -S train.epochs=10 or -S loss=asl does not re-run it).
-TRAIN_KEYS = ("accelerator", "devices", "num_nodes", "strategy", "precision", "threads", "eval_batch_size",
+TRAIN_KEYS = ("accelerator", "devices", "num_nodes", "strategy", "precision", "compile", "threads", "eval_batch_size",
               "num_workers", "progress_bar", "augment", "optim")  # fmt: skip
 MODEL_KEYS = ("backbone", "pretrained", "in_chans", "channels_last")
 
