@@ -11,6 +11,7 @@ from sklearn.metrics import average_precision_score
 from cxrlt import metrics as M
 from cxrlt.compare import (
     Run,
+    _without_params,
     align,
     compare_aligned,
     format_table,
@@ -187,6 +188,20 @@ def test_runs_group_by_every_param_but_seed():
     groups, differ = group_runs(runs)
     assert groups == [[0, 1], [2, 3], [4]]
     assert differ == ["loss", "train.optim.lr"]
+
+
+def test_a_param_added_after_older_runs_splits_them_until_ignored():
+    y, s, ids = _data()
+    runs = [_run("old0", 0), _run("old1", 1), _run("new2", 2, **{"train.compile": False})]
+    preds, manifest = _frames(y, s, ids)
+    data = align(runs, [preds] * 3, [manifest] * 3)
+    with pytest.raises(DataError, match=r"share no seed; params only one of them has: train.compile .*--ignore"):
+        compare_aligned(runs, data, n_bootstrap=10)
+    kept, notes = _without_params(runs, ["train.compile"])
+    assert group_runs(kept)[0] == [[0, 1, 2]] and "train.compile" in notes[0]
+    assert runs[2].params["train.compile"] is False  # the caller's runs are not modified
+    with pytest.raises(DataError, match="--ignore train.compil: no compared run has that param"):
+        _without_params(runs, ["train.compil"])
 
 
 def test_compare_pairs_seed_with_seed_and_prints_the_table():

@@ -119,6 +119,14 @@ def _compare_arguments(p: argparse.ArgumentParser) -> None:
         choices=("percentile", "bca"),
         help="interval of the paired differences (default: percentile)",
     )
+    p.add_argument(
+        "--ignore",
+        action="append",
+        default=[],
+        metavar="PARAM",
+        help="a param not used to group runs (repeatable), e.g. one added to params.yaml "
+        "after the older runs: --ignore train.compile",
+    )
     p.add_argument("--repo", default=".", help="DVC repository (default: .)")
     p.add_argument("--json", metavar="PATH", help="write the result as JSON here (atomically)")
 
@@ -136,6 +144,7 @@ def _compare(args: argparse.Namespace) -> int:
         seed=args.seed,
         ci=args.ci,
         method=args.ci_method,
+        ignore=args.ignore,
     )
     print(compare.format_table(result))
     if args.json:

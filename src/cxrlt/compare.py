@@ -28,7 +28,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -517,7 +517,10 @@ def _pairs(runs: Sequence[Run], ga: Sequence[int], gb: Sequence[int]) -> tuple[l
     left = [runs[i].name for s, i in (*by_seed[0].items(), *by_seed[1].items())
             if s not in common]  # fmt: skip
     if not common:
-        raise DataError(f"groups of {runs[ga[0]].name} and {runs[gb[0]].name} share no seed")
+        one_sided = sorted(set(runs[ga[0]].params) ^ set(runs[gb[0]].params))
+        hint = (f"; params only one of them has: {', '.join(one_sided)} (if added to params.yaml "
+                f"between the runs, leave them out with --ignore)") if one_sided else ""  # fmt: skip
+        raise DataError(f"groups of {runs[ga[0]].name} and {runs[gb[0]].name} share no seed{hint}")
     return [(by_seed[0][s], by_seed[1][s]) for s in common], left
 
 
@@ -546,8 +549,10 @@ def compare(
     seed: int = 0,
     ci: float = 0.95,
     method: str = "percentile",
+    ignore: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Everything `cxrlt compare` prints, as a JSON-ready dict."""
+    """Everything `cxrlt compare` prints, as a JSON-ready dict. `ignore`: params left out of
+    the grouping, e.g. a setting added to params.yaml after the older runs were made."""
     if not 0 < ci < 1:
         raise DataError(f"--ci must be between 0 and 1, got {ci}")
     if method not in M.CI_METHODS:
@@ -561,7 +566,9 @@ def compare(
     if baseline is not None:
         base = select_runs(all_runs, [baseline], workspace)[0]
         runs = [base, *[r for r in runs if r != base]]
+    runs, ignored = _without_params(runs, ignore)
     runs, notes = _dedupe(runs)
+    notes = ignored + notes
     if not runs:
         raise DataError(f"`dvc exp show` in {repo} lists no finished runs")
     cache: dict = {}
@@ -570,6 +577,19 @@ def compare(
     cluster = str(runs[0].params.get("evaluate.cluster", "study_id"))
     data = align(runs, preds, manifests, split, cluster)
     return compare_aligned(runs, data, n_bootstrap, seed, ci, notes + data.notes, method)
+
+
+def _without_params(runs: list[Run], ignore: Sequence[str]) -> tuple[list[Run], list[str]]:
+    """The runs with the `ignore` params dropped (each must be a param of some run)."""
+    if not ignore:
+        return runs, []
+    known = {k for r in runs for k in r.params}
+    unknown = [k for k in ignore if k not in known]
+    if unknown:
+        raise DataError(f"--ignore {', '.join(unknown)}: no compared run has that param "
+                        f"(flattened names such as train.compile)")  # fmt: skip
+    runs = [replace(r, params={k: v for k, v in r.params.items() if k not in ignore}) for r in runs]
+    return runs, [f"params not used to group runs (--ignore): {', '.join(ignore)}"]
 
 
 def compare_aligned(
