@@ -11,6 +11,7 @@ from sklearn.metrics import average_precision_score
 from cxrlt import metrics as M
 from cxrlt.compare import (
     Run,
+    _git_commit,
     _without_params,
     align,
     compare_aligned,
@@ -19,6 +20,7 @@ from cxrlt.compare import (
     paired_bootstrap,
     paired_difference,
     parse_exp_show,
+    select_runs,
 )
 from cxrlt.errors import DataError
 
@@ -204,6 +206,22 @@ def test_a_param_added_after_older_runs_splits_them_until_ignored():
         _without_params(runs, ["train.compil"])
 
 
+def test_git_revisions_resolve_to_commits_and_run_names_win(tmp_path):
+    import subprocess
+
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (tmp_path / "f").write_text("x")
+    subprocess.run([*git, "add", "f"], check=True)
+    subprocess.run([*git, "commit", "-qm", "c"], check=True)
+    sha = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    assert _git_commit(tmp_path, "HEAD", []) == sha
+    assert _git_commit(tmp_path, "nosuch", []) == "nosuch"
+    assert _git_commit(tmp_path, "HEAD", [_run("HEAD", 0)]) == "HEAD"  # an experiment's own name
+    assert _git_commit(tmp_path, "workspace", []) == "workspace"
+    assert select_runs([Run("x", sha, {})], [_git_commit(tmp_path, "HEAD", [])])[0].name == "x"
+
+
 def test_compare_pairs_seed_with_seed_and_prints_the_table():
     y, s, ids = _data()
     rng = np.random.default_rng(11)
@@ -319,5 +337,5 @@ def test_a_named_experiment_on_an_earlier_baseline_is_found(monkeypatch, tmp_pat
     assert calls == [False, True]
     _, _, runs = C.find_runs(tmp_path, ["main"])
     assert calls == [False, True, False]  # found at HEAD: no -A listing
-    with pytest.raises(DataError, match="no experiment named 'nope'"):
+    with pytest.raises(DataError, match="no experiment or commit 'nope'"):
         C.find_runs(tmp_path, ["nope"])

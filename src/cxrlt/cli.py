@@ -99,8 +99,9 @@ def _compare_arguments(p: argparse.ArgumentParser) -> None:
         "experiments",
         nargs="*",
         metavar="EXP",
-        help="experiment names, branch names or commit prefixes from `dvc exp show` "
-        "(default: the baseline commit and all its experiments); `workspace` for unsaved work",
+        help="experiment names, branch names, commit prefixes or git revisions (HEAD, HEAD~2, a "
+        "tag) of runs in `dvc exp show -A` (default: the baseline commit and all its "
+        "experiments); `workspace` for unsaved work",
     )
     p.add_argument("--baseline", metavar="EXP", help="the A of B - A (default: the first run)")
     p.add_argument("--split", default="test", help="split to compare on (default: test)")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Iterator, Mapping, Sequence
@@ -288,11 +289,22 @@ def find_runs(
     HEAD moves on (a README commit) they are no longer in the default listing.
     """
     all_runs, workspace = list_runs(repo)
+    names = [_git_commit(repo, n, all_runs) for n in names]
     try:
         return all_runs, workspace, select_runs(all_runs, names, workspace)
     except DataError:
         all_runs, workspace = list_runs(repo, all_commits=True)
         return all_runs, workspace, select_runs(all_runs, names, workspace)
+
+
+def _git_commit(repo: str | Path, name: str, runs: Sequence[Run]) -> str:
+    """A name that is no run's but a git revision (HEAD, HEAD~2, a tag) as its full commit id,
+    which `select_runs` matches as a commit prefix; any other name unchanged."""
+    if name == "workspace" or any(r.name == name for r in runs):
+        return name
+    out = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{name}^{{commit}}"], cwd=repo,
+                         capture_output=True, text=True)  # fmt: skip
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else name
 
 
 def select_runs(
@@ -310,8 +322,10 @@ def select_runs(
             if not hits and len(name) >= 4:
                 hits = [r for r in runs if r.rev and r.rev.startswith(name)]
         if not hits:
-            known = ", ".join(r.name for r in runs) or "none"
-            raise DataError(f"no experiment named {name!r} in `dvc exp show`; known: {known}")
+            named = [r.name for r in runs if r.name and not re.fullmatch(r"[0-9a-f]{7,40}", r.name)]
+            known = ", ".join(named[:30]) + (f" and {len(named) - 30} more" if len(named) > 30 else "")
+            raise DataError(f"no experiment or commit {name!r} in `dvc exp show -A`; named runs: "
+                            f"{known or 'none'} (or a commit id, HEAD, a branch or tag)")  # fmt: skip
         if len(hits) > 1:
             raise DataError(f"{name!r} names {len(hits)} runs: {', '.join(r.name for r in hits)}")
         if hits[0] not in chosen:
