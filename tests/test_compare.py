@@ -14,6 +14,7 @@ from cxrlt.compare import (
     _git_commit,
     _without_params,
     align,
+    at_levels,
     compare_aligned,
     format_table,
     group_runs,
@@ -339,3 +340,53 @@ def test_a_named_experiment_on_an_earlier_baseline_is_found(monkeypatch, tmp_pat
     assert calls == [False, True, False]  # found at HEAD: no -A listing
     with pytest.raises(DataError, match="no experiment or commit 'nope'"):
         C.find_runs(tmp_path, ["nope"])
+
+
+def _with_levels(preds: pd.DataFrame, s: np.ndarray, fused: np.ndarray | None, rng) -> pd.DataFrame:
+    """A predictions file as the predict stage writes it: image-level and fused columns, views."""
+    out = preds.assign(view=rng.choice(["frontal", "lateral", None], size=len(preds)))
+    for i, c in enumerate(CLASSES):
+        out[f"image:{c}"] = s[:, i]
+        if fused is not None:
+            out[f"fused:{c}"] = fused[:, i]
+    return out
+
+
+def test_levels_of_the_same_runs_are_paired_seed_by_seed():
+    from cxrlt.postprocess import aggregate
+
+    y, s, ids = _data()
+    rng = np.random.default_rng(3)
+    runs = [_run("s0", 0), _run("s1", 1)]
+    preds, manifests, images, fused = [], [], [], []
+    for _ in runs:
+        img = np.clip(s + rng.normal(0, 0.1, s.shape), 0, 1)
+        fu = np.clip(s + rng.normal(0, 0.05, s.shape), 0, 1)
+        p, m = _frames(y, img, ids)
+        preds.append(_with_levels(p, img, fu, rng))
+        manifests.append(m)
+        images.append(img)
+        fused.append(fu)
+    xr, xp, xm, notes = at_levels(runs, preds, manifests, ["image", "view_group", "fused"])
+    assert [r.name for r in xr] == ["s0@image", "s0@view_group", "s0@fused",
+                                    "s1@image", "s1@view_group", "s1@fused"]  # fmt: skip
+    assert [r.params["predict.level"] for r in xr[:3]] == ["image", "view_group", "fused"]
+    cols = [f"p:{c}" for c in CLASSES]
+    np.testing.assert_array_equal(xp[0][cols].to_numpy(), images[0])
+    expected = aggregate(images[1], preds[1]["study_id"].to_numpy(), preds[1]["view"].to_numpy(), "view_group")
+    np.testing.assert_array_equal(xp[4][cols].to_numpy(), expected)
+    np.testing.assert_array_equal(xp[5][cols].to_numpy(), fused[1])
+    assert "uncalibrated" in notes[0]
+    result = compare_aligned(xr, align(xr, xp, xm), n_bootstrap=50)
+    assert [g["runs"] for g in result["groups"]] == [["s0@image", "s1@image"],
+                                                     ["s0@view_group", "s1@view_group"],
+                                                     ["s0@fused", "s1@fused"]]  # fmt: skip
+    assert [(p["a"], p["b"]) for p in result["comparisons"][1]["pairs"]] == [
+        ("s0@image", "s0@fused"), ("s1@image", "s1@fused")]
+    with pytest.raises(DataError, match="--level medain: unknown level; valid: image, mean"):
+        at_levels(runs, preds, manifests, ["medain"])
+    no_fused = [_with_levels(_frames(y, s, ids)[0], s, None, rng)]
+    with pytest.raises(DataError, match="s0: predictions have no fused: columns"):
+        at_levels(runs[:1], no_fused, manifests[:1], ["image", "fused"])
+    with pytest.raises(DataError, match="s0: predictions have no image:<class> columns"):
+        at_levels(runs[:1], [_frames(y, s, ids)[0]], manifests[:1], ["image"])

@@ -128,6 +128,15 @@ def _compare_arguments(p: argparse.ArgumentParser) -> None:
         help="a param not used to group runs (repeatable), e.g. one added to params.yaml "
         "after the older runs: --ignore train.compile",
     )
+    p.add_argument(
+        "--level",
+        action="append",
+        default=[],
+        metavar="LEVEL",
+        help="score every run at this prediction level (repeatable; image, mean, max, "
+        "view_group, fused) instead of its submitted one: levels of the same models, paired "
+        "seed by seed, the first level as A",
+    )
     p.add_argument("--repo", default=".", help="DVC repository (default: .)")
     p.add_argument("--json", metavar="PATH", help="write the result as JSON here (atomically)")
 
@@ -146,6 +155,7 @@ def _compare(args: argparse.Namespace) -> int:
         ci=args.ci,
         method=args.ci_method,
         ignore=args.ignore,
+        levels=args.level,
     )
     print(compare.format_table(result))
     if args.json:

@@ -40,6 +40,8 @@ from cxrlt import metrics as M
 from cxrlt.data.manifest import label_matrix
 from cxrlt.errors import DataError
 from cxrlt.labels import frequency_groups
+from cxrlt.postprocess import AGGREGATIONS, LEVELS, aggregate
+from cxrlt.submission import FUSED_PREFIX, IMAGE_PREFIX, probabilities
 
 __all__ = [
     "Run",
@@ -564,9 +566,12 @@ def compare(
     ci: float = 0.95,
     method: str = "percentile",
     ignore: Sequence[str] = (),
+    levels: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Everything `cxrlt compare` prints, as a JSON-ready dict. `ignore`: params left out of
-    the grouping, e.g. a setting added to params.yaml after the older runs were made."""
+    the grouping, e.g. a setting added to params.yaml after the older runs were made.
+    `levels`: score each run at these prediction levels instead of its submitted one
+    (`at_levels`)."""
     if not 0 < ci < 1:
         raise DataError(f"--ci must be between 0 and 1, got {ci}")
     if method not in M.CI_METHODS:
@@ -588,9 +593,58 @@ def compare(
     cache: dict = {}
     preds = [_read_frame(repo, r, "predict.out", cache) for r in runs]
     manifests = [_read_frame(repo, r, "data.manifest", cache) for r in runs]
+    if levels:
+        runs, preds, manifests, level_notes = at_levels(runs, preds, manifests, levels)
+        notes += level_notes
     cluster = str(runs[0].params.get("evaluate.cluster", "study_id"))
     data = align(runs, preds, manifests, split, cluster)
     return compare_aligned(runs, data, n_bootstrap, seed, ci, notes + data.notes, method)
+
+
+def at_levels(
+    runs: Sequence[Run],
+    predictions: Sequence[pd.DataFrame],
+    manifests: Sequence[pd.DataFrame],
+    levels: Sequence[str],
+) -> tuple[list[Run], list[pd.DataFrame], list[pd.DataFrame], list[str]]:
+    """Each run once per level, as if it had been run with `-S predict.level=<level>`.
+
+    Every run's predictions file holds the stage-1 image probabilities (`image:`) and, when
+    the fuse stage ran, the fusion model's (`fused:`); the aggregations are recomputed from
+    the image columns exactly as the evaluate stage does. So the levels of the same trained
+    models are compared seed by seed, with no re-run. The scores are uncalibrated
+    (calibration changes neither AP nor AUROC). The first level is the A of every contrast.
+    """
+    wanted = list(dict.fromkeys(levels))
+    bad = [lv for lv in wanted if lv not in LEVELS]
+    if bad:
+        raise DataError(f"--level {', '.join(bad)}: unknown level; valid: {', '.join(LEVELS)}")
+    out_runs, out_preds, out_manifests = [], [], []
+    for run, preds, manifest in zip(runs, predictions, manifests, strict=True):
+        classes = [c[len(IMAGE_PREFIX):] for c in preds.columns if str(c).startswith(IMAGE_PREFIX)]
+        if not classes:
+            raise DataError(f"{run.name}: predictions have no {IMAGE_PREFIX}<class> columns "
+                            "(written before levels were stored); --level needs them")  # fmt: skip
+        missing = [c for c in ("study_id", "view") if c not in preds.columns]
+        if missing and any(lv in AGGREGATIONS and lv != "image" for lv in wanted):
+            raise DataError(f"{run.name}: predictions lack the {missing} column(s) an aggregation needs")
+        image = probabilities(preds, classes, IMAGE_PREFIX)
+        for level in wanted:
+            if level == "fused":
+                if not all(f"{FUSED_PREFIX}{c}" in preds.columns for c in classes):
+                    raise DataError(f"{run.name}: predictions have no {FUSED_PREFIX} columns "
+                                    "(its fuse stage did not run); leave out --level fused")  # fmt: skip
+                scores = probabilities(preds, classes, FUSED_PREFIX)
+            else:
+                scores = aggregate(image, preds["study_id"].to_numpy(), preds["view"].to_numpy(), level)
+            frame = preds.drop(columns=[c for c in preds.columns if str(c).startswith("p:")])
+            frame = frame.assign(**{f"p:{c}": scores[:, i] for i, c in enumerate(classes)})
+            out_runs.append(replace(run, name=f"{run.name}@{level}",
+                                    params={**run.params, "predict.level": level}))  # fmt: skip
+            out_preds.append(frame)
+            out_manifests.append(manifest)
+    note = f"levels ({', '.join(wanted)}) recomputed from each run's image-level and fused predictions, uncalibrated"
+    return out_runs, out_preds, out_manifests, [note]
 
 
 def _without_params(runs: list[Run], ignore: Sequence[str]) -> tuple[list[Run], list[str]]:
