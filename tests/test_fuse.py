@@ -100,3 +100,19 @@ def test_fine_tuned_backbone_changes_and_bad_settings(stage1, tmp_path: Path):
         fit_fusion(df, CLASSES, cache_dir, ckpt, _params(base, epoch=3), tmp_path / "x.pt")
     with pytest.raises(DataError, match="fuse.epochs must be an integer >= 1"):
         fit_fusion(df, CLASSES, cache_dir, ckpt, _params(base, epochs=0), tmp_path / "x.pt")
+
+
+def test_residual_fusion_trains_saves_its_prior_and_predicts_from_the_file(stage1, tmp_path: Path):
+    df, cache_dir, ckpt, base = stage1
+    model_cfg = {**FUSE["model"], "residual": True}
+    fit_fusion(df, CLASSES, cache_dir, ckpt, _params(base, epochs=1, model=model_cfg), tmp_path / "r.pt")
+    model, saved = load_fusion_checkpoint(tmp_path / "r.pt")
+    assert saved["fusion"]["residual"] is True
+    stage1_state = torch.load(ckpt, weights_only=True)["state_dict"]
+    for k, v in model.prior.state_dict().items():  # the stage-1 head, untouched by training
+        torch.testing.assert_close(v, stage1_state[f"head.{k}"], rtol=0, atol=0)
+    rows = df[df["split"] != "train"].reset_index(drop=True)
+    table = StudyTable(rows, CLASSES, cap=2)
+    cache = ImageCache(cache_dir)
+    p1 = table.predict(model, cache, 1, torch.device("cpu"))
+    np.testing.assert_allclose(p1, table.predict(model, cache, 64, torch.device("cpu")), rtol=0, atol=1e-5)

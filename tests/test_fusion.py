@@ -261,3 +261,47 @@ def test_group_studies_ignores_row_order():
     for x, y in zip(a, b, strict=True):
         assert (x.study_id, x.image_ids, x.all_image_ids, x.view_types) == (y.study_id, y.image_ids, y.all_image_ids, y.view_types)
         np.testing.assert_array_equal(x.label, y.label)
+
+
+RESIDUAL = dataclasses.replace(SMALL, residual=True)
+
+
+@pytest.mark.parametrize("head", ["ml_decoder", "linear"])
+def test_residual_model_starts_at_the_mean_of_the_stage1_logits(head: str):
+    cfg = RESIDUAL if head == "ml_decoder" else dataclasses.replace(RESIDUAL, head="linear", head_args={})
+    torch.manual_seed(0)
+    clf = Classifier(BACKBONE, 5).eval()
+    m = FusionModel(clf, cfg).eval()
+    images, vt, pad = _studies()
+    with torch.no_grad():
+        fused = m(images, vt, pad)
+        per_view = [[clf(images[i, j : j + 1, None]) for j in range(3) if not pad[i, j]] for i in range(4)]
+    expected = torch.cat([torch.cat(v).mean(dim=0, keepdim=True) for v in per_view])
+    torch.testing.assert_close(fused, expected, rtol=0, atol=1e-5)
+
+
+def test_residual_model_is_batch_independent_padding_inert_and_its_prior_fixed():
+    m = _model(RESIDUAL)
+    images, vt, pad = _studies()
+    other = images.clone()
+    other[pad] = 0
+    prior = {k: v.clone() for k, v in m.prior.state_dict().items()}
+    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1)
+    m.train()
+    assert not m.prior.training and not any(p.requires_grad for p in m.prior.parameters())
+    m(images, vt, pad).pow(2).mean().backward()
+    opt.step()
+    assert all(p.grad is None for p in m.prior.parameters())
+    assert all(torch.equal(v, prior[k]) for k, v in m.prior.state_dict().items())
+    m.eval()
+    with torch.no_grad():
+        together = m(images, vt, pad)
+        alone = torch.cat([m(images[i : i + 1], vt[i : i + 1], pad[i : i + 1]) for i in range(4)])
+        padded_other = m(other, vt, pad)
+        feats = m.backbone.forward_features(m.normalise(images).flatten(0, 1)).unflatten(0, (4, 3))
+        from_features = m.forward_features(feats, vt, pad)
+    torch.testing.assert_close(together, alone, rtol=0, atol=1e-5)
+    torch.testing.assert_close(together, padded_other, rtol=0, atol=1e-6)
+    torch.testing.assert_close(together, from_features, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="needs the stage-1 prior"):
+        m.fuse(m.token_grids(images, pad), vt, pad)

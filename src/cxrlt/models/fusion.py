@@ -53,6 +53,10 @@ class FusionConfig:
     freeze_backbone: bool = True
     head: str = "ml_decoder"  # or "linear": masked mean of the tokens + nn.Linear
     head_args: dict[str, Any] = field(default_factory=dict)
+    # Residual: the fusion head's output (zero at the start) is added to the mean over the
+    # study's views of the frozen stage-1 head's logits, so training starts from a plain
+    # view aggregation and learns what the views together add.
+    residual: bool = False
 
     def __post_init__(self) -> None:
         if self.tokens_dim < 4 or self.tokens_dim % 4:
@@ -150,15 +154,25 @@ class FusionModel(nn.Module):
             for p in self.backbone.parameters():
                 p.requires_grad_(False)
             self.backbone.eval()
+        self.prior: nn.Module | None = None
+        if cfg.residual:
+            self.prior = classifier.head  # shared, frozen, always in eval mode
+            for p in self.prior.parameters():
+                p.requires_grad_(False)
+            self.prior.eval()
+            _zero_output(self.head)
         if self.model_cfg.channels_last:
             self.tokenizer.to(memory_format=torch.channels_last)
 
     def train(self, mode: bool = True) -> FusionModel:
         """A frozen backbone stays in eval mode: train() would otherwise update its
-        BatchNorm running statistics and switch drop-path on."""
+        BatchNorm running statistics and switch drop-path on. The residual's stage-1 head
+        is fixed too (no dropout)."""
         super().train(mode)
         if self.cfg.freeze_backbone:
             self.backbone.eval()
+        if self.prior is not None:
+            self.prior.eval()
         return self
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
@@ -194,6 +208,9 @@ class FusionModel(nn.Module):
     def token_grids(self, images: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
         """(B, V, D, H', W') token grids; padded slots are zeros and never reach the backbone,
         so their pixels cannot touch anything (not even training-mode BatchNorm statistics)."""
+        return self._grids_and_prior(images, pad_mask)[0]
+
+    def _grids_and_prior(self, images: torch.Tensor, pad_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         if images.dtype == torch.uint8:
             # In the model's own dtype, so a model cast to half / bfloat16 takes raw pixels too.
             images = self.normalise(images).to(self.tokenizer.weight.dtype)
@@ -207,7 +224,18 @@ class FusionModel(nn.Module):
         frozen = self.cfg.freeze_backbone
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
             feats = self.backbone.forward_features(x)
-        return self._tokens(feats, real, b, v)
+        return self._tokens(feats, real, b, v), self._prior(feats, real, b, v)
+
+    def _prior(self, feats: torch.Tensor, real: torch.Tensor, b: int, v: int) -> torch.Tensor | None:
+        """(B, K): the mean over each study's real views of the stage-1 head's logits, or
+        None without `residual`. Padded slots are left out of the mean."""
+        if self.prior is None:
+            return None
+        logits = self.prior(feats.to(next(self.prior.parameters()).dtype))
+        per_slot = logits.new_zeros(b * v, logits.shape[-1])
+        per_slot[real] = logits
+        keep = real.reshape(b, v, 1).to(logits.dtype)
+        return (per_slot.reshape(b, v, -1) * keep).sum(dim=1) / keep.sum(dim=1)
 
     def _tokens(self, feats: torch.Tensor, real: torch.Tensor, b: int, v: int) -> torch.Tensor:
         """Feature maps of the real slots -> (B, V, D, H', W') token grids, zeros when padded."""
@@ -230,11 +258,13 @@ class FusionModel(nn.Module):
         b, v = features.shape[:2]
         self._check_inputs(features, view_type, pad_mask)
         real = ~pad_mask.reshape(b * v)
-        grids = self._tokens(features.reshape(b * v, *features.shape[2:])[real], real, b, v)
-        return self.fuse(grids, view_type, pad_mask)
+        feats = features.reshape(b * v, *features.shape[2:])[real]
+        grids = self._tokens(feats, real, b, v)
+        return self.fuse(grids, view_type, pad_mask, self._prior(feats, real, b, v))
 
-    def fuse(self, grids: torch.Tensor, view_type: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
-        """(B, V, D, H', W') token grids -> (B, num_classes) logits."""
+    def fuse(self, grids: torch.Tensor, view_type: torch.Tensor, pad_mask: torch.Tensor,
+             prior: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, V, D, H', W') token grids -> (B, num_classes) logits (+ the residual's prior)."""
         b, v, d, h, w = grids.shape
         if bool(pad_mask.all(dim=1).any()):
             raise ValueError("pad_mask: a study has every view slot padded; nothing to classify")
@@ -254,11 +284,33 @@ class FusionModel(nn.Module):
         out = self.encoder(tokens, src_key_padding_mask=key_mask)
         out = out.masked_fill(key_mask.unsqueeze(-1), 0.0)
         assert isinstance(self.head, MLDecoderHead | MaskedMeanHead)
-        return self.head.forward_tokens(out, key_mask)
+        logits = self.head.forward_tokens(out, key_mask)
+        if self.prior is not None:
+            if prior is None:
+                raise ValueError("a residual fusion model needs the stage-1 prior (call forward or forward_features)")
+            logits = logits + prior.to(logits.dtype)
+        return logits
 
     def forward(self, images: torch.Tensor, view_type: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
         self._check_inputs(images, view_type, pad_mask)
-        return self.fuse(self.token_grids(images, pad_mask), view_type, pad_mask)
+        grids, prior = self._grids_and_prior(images, pad_mask)
+        return self.fuse(grids, view_type, pad_mask, prior)
+
+
+def _zero_output(head: nn.Module) -> None:
+    """Zero the head's last layer, so a residual fusion model starts at its prior."""
+    if isinstance(head, MaskedMeanHead):
+        last: list[torch.Tensor] = [head.fc.weight, head.fc.bias]
+    elif isinstance(head, MLDecoderHead) and head.shared_out is not None:
+        last = [head.shared_out.weight, head.shared_out.bias]
+    elif isinstance(head, MLDecoderHead):
+        assert head.group_weight is not None and head.group_bias is not None
+        last = [head.group_weight, head.group_bias]
+    else:
+        raise TypeError(f"fusion head {type(head).__name__} has no known output layer")
+    with torch.no_grad():
+        for t in last:
+            t.zero_()
 
 
 # ----------------------------------------------------------------------------- view choice
