@@ -11,7 +11,7 @@ from cxrlt.errors import DataError
 from cxrlt.models import ModelConfig
 from cxrlt.training.augment import AugmentConfig
 from cxrlt.training.launch import Layout
-from cxrlt.training.module import ImageClassifierModule, OptimConfig
+from cxrlt.training.module import ImageClassifierModule, OptimConfig, fused_adamw
 
 
 def _module(compile_model: bool) -> ImageClassifierModule:
@@ -55,3 +55,14 @@ def test_compiled_training_forward_and_gradients_equal_eager():
     assert ga.shape == gb.shape and ga.norm() > 0
     assert torch.nn.functional.cosine_similarity(ga, gb, dim=0) > 0.9999
     assert abs(float(gb.norm() / ga.norm()) - 1) < 1e-3
+
+
+def test_fused_adamw_only_when_every_weight_is_on_a_gpu():
+    from types import SimpleNamespace
+
+    cpu = [torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2, 2))]
+    gpu = SimpleNamespace(is_cuda=True)
+    assert fused_adamw(cpu) is None  # the CPU keeps AdamW's default kernel: results unchanged
+    assert fused_adamw([gpu, gpu]) is True
+    assert fused_adamw([gpu, cpu[0]]) is None  # mixed devices: the fused kernel would refuse
+    assert fused_adamw([]) is None

@@ -200,14 +200,29 @@ def train_model(
                     preprocessing=preprocessing, group_counts=(own.counts, len(own.train)), resume_key=key)  # fmt: skip
 
 
-def check_training_params(params: Mapping[str, Any]) -> None:
-    """The settings `train_on` reads, checked without touching data."""
+@dataclass(frozen=True)
+class TrainSettings:
+    """The checked settings `train_on` reads (everything but the model and the loss)."""
+
+    sampler: str
+    sampler_settings: Mapping[str, Any]
+    layout: Layout  # devices, nodes, strategy, precision, compile
+    drw_epoch: int | None
+    ema_decay: float
+    crt: CRTConfig
+
+
+def check_training_params(params: Mapping[str, Any]) -> TrainSettings:
+    """The settings `train_on` reads, checked without touching data: callers run it before
+    loading anything, and `train_on` takes its values from here."""
     tp = params["train"]
     name = str(params.get("sampler", "random"))
-    check_sampler(name, (params.get("samplers") or {}).get(name) or {})
-    Layout.from_params(tp)  # devices, nodes, strategy, precision
-    _schedules(tp)
-    CRTConfig.from_params(tp.get("crt"), params.get("samplers"))
+    settings = (params.get("samplers") or {}).get(name) or {}
+    check_sampler(name, settings)
+    layout = Layout.from_params(tp)
+    drw_epoch, ema_decay = _schedules(tp)
+    crt = CRTConfig.from_params(tp.get("crt"), params.get("samplers"))
+    return TrainSettings(name, settings, layout, drw_epoch, ema_decay, crt)
 
 
 def train_on(
@@ -228,12 +243,9 @@ def train_on(
     """
     tp = params["train"]
     seed = int(params.get("seed", 0))
-    sampler_name = str(params.get("sampler", "random"))
-    sampler_settings = (params.get("samplers") or {}).get(sampler_name) or {}
-    check_sampler(sampler_name, sampler_settings)
-    layout = Layout.from_params(tp)
-    drw_epoch, ema_decay = _schedules(tp)
-    crt = CRTConfig.from_params(tp.get("crt"), params.get("samplers"))
+    ts = check_training_params(params)
+    sampler_name, sampler_settings, layout = ts.sampler, ts.sampler_settings, ts.layout
+    drw_epoch, ema_decay, crt = ts.drw_epoch, ts.ema_decay, ts.crt
     L.seed_everything(seed, workers=True)
     if int(tp.get("threads", 0)) > 0:
         torch.set_num_threads(int(tp["threads"]))

@@ -43,6 +43,12 @@ class OptimConfig:
     min_lr_fraction: float = 0.01
 
 
+def fused_adamw(params: list[torch.nn.Parameter]) -> bool | None:
+    """True (AdamW's fused CUDA kernel, one launch for all tensors) when every parameter is on
+    a GPU; None (AdamW's default) otherwise, so CPU runs compute exactly as before."""
+    return True if params and all(p.is_cuda for p in params) else None
+
+
 class ImageClassifierModule(L.LightningModule):
     def __init__(
         self,
@@ -152,13 +158,10 @@ class ImageClassifierModule(L.LightningModule):
         for name, p in self.named_parameters():
             if p.requires_grad:
                 (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
-        # The fused CUDA kernel (one launch for all tensors) where every parameter is on a GPU;
-        # elsewhere AdamW's default, so CPU runs are unchanged.
-        fused = all(p.is_cuda for p in decay + no_decay) or None
         opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": self.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=self.optim.lr,
-            fused=fused,
+            fused=fused_adamw(decay + no_decay),
         )
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = int(total * self.optim.warmup_fraction)
