@@ -507,6 +507,12 @@ def _checkpoint(part: _RawPart | _PackedPart, done: np.ndarray, done_path: Path,
     os.replace(tmp_f, fail_path)
 
 
+def keep_cached(manifest: pd.DataFrame, cache: ImageCache) -> pd.DataFrame:
+    """Drop images the cache recorded as unreadable (cache.on_error: skip)."""
+    ok = cache.ok.reindex(manifest["image_id"].astype(str)).fillna(False).to_numpy(bool)
+    return manifest.loc[ok].reset_index(drop=True)
+
+
 class ImageCache:
     """Read-only view of a built cache (either format): image_id -> row -> uint8 (S, S) pixels.
 

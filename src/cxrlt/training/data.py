@@ -66,12 +66,6 @@ class ConcatImages(Dataset):
         return item
 
 
-def keep_cached(manifest: pd.DataFrame, cache: ImageCache) -> pd.DataFrame:
-    """Drop images the cache recorded as unreadable (cache.on_error: skip)."""
-    ok = cache.ok.reindex(manifest["image_id"].astype(str)).fillna(False).to_numpy(bool)
-    return manifest.loc[ok].reset_index(drop=True)
-
-
 def make_loader(
     dataset: Dataset,
     batch_size: int,

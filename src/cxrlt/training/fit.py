@@ -24,7 +24,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from cxrlt.checkpoint import _plain, save_checkpoint  # noqa: F401 (re-exported)
-from cxrlt.data.cache import ImageCache, Preprocessing
+from cxrlt.data.cache import ImageCache, Preprocessing, keep_cached
 from cxrlt.data.manifest import label_matrix
 from cxrlt.errors import DataError
 from cxrlt.models import ModelConfig
@@ -32,7 +32,7 @@ from cxrlt.params import check_keys
 from cxrlt.text.embeddings import text_queries
 from cxrlt.training.augment import AugmentConfig
 from cxrlt.training.crt import CRTConfig, retrain_classifier
-from cxrlt.training.data import CachedImages, ConcatImages, Loaders, keep_cached
+from cxrlt.training.data import CachedImages, ConcatImages, Loaders
 from cxrlt.training.init import InitWeights
 from cxrlt.training.launch import Layout
 from cxrlt.training.module import ImageClassifierModule, OptimConfig

@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from cxrlt.checkpoint import save_checkpoint
-from cxrlt.data.cache import ImageCache
+from cxrlt.data.cache import ImageCache, keep_cached
 from cxrlt.errors import DataError
 from cxrlt.inference import (
     StudyTable,
@@ -36,7 +36,6 @@ from cxrlt.losses import build_loss
 from cxrlt.metrics import average_precision
 from cxrlt.models.fusion import FusionConfig, FusionModel
 from cxrlt.params import settings_section
-from cxrlt.training.data import keep_cached
 
 
 @dataclass(frozen=True)

@@ -12,11 +12,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cxrlt.data.cache import ImageCache
+from cxrlt.data.cache import ImageCache, keep_cached
 from cxrlt.data.manifest import label_matrix
 from cxrlt.errors import DataError
 from cxrlt.stage import read_parquet
-from cxrlt.training.data import CachedImages, ConcatImages, keep_cached
+from cxrlt.training.data import CachedImages, ConcatImages
 
 
 @dataclass
