@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
+from cxrlt.errors import DataError
 from cxrlt.models import Classifier, ModelConfig
 from cxrlt.models.fusion import (
     FusionConfig,
@@ -305,3 +306,5 @@ def test_residual_model_is_batch_independent_padding_inert_and_its_prior_fixed()
     torch.testing.assert_close(together, from_features, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="needs the stage-1 prior"):
         m.fuse(m.token_grids(images, pad), vt, pad)
+    with pytest.raises(DataError, match="stage-1 head predicts 5 classes, the fusion model 3"):
+        FusionModel(Classifier(BACKBONE, 5), RESIDUAL, num_classes=3)

@@ -156,6 +156,9 @@ class FusionModel(nn.Module):
             self.backbone.eval()
         self.prior: nn.Module | None = None
         if cfg.residual:
+            if self.num_classes != classifier.num_classes:
+                raise DataError(f"fusion residual: the stage-1 head predicts {classifier.num_classes} classes, "
+                                f"the fusion model {self.num_classes}; they must be the same")  # fmt: skip
             self.prior = classifier.head  # shared, frozen, always in eval mode
             for p in self.prior.parameters():
                 p.requires_grad_(False)
