@@ -388,5 +388,9 @@ def test_levels_of_the_same_runs_are_paired_seed_by_seed():
     no_fused = [_with_levels(_frames(y, s, ids)[0], s, None, rng)]
     with pytest.raises(DataError, match="s0: predictions have no fused: columns"):
         at_levels(runs[:1], no_fused, manifests[:1], ["image", "fused"])
+    bare = no_fused[0].drop(columns=["study_id", "view"])
+    assert at_levels(runs[:1], [bare], manifests[:1], ["image"])[1][0].shape[0] == len(bare)
+    with pytest.raises(DataError, match=r"lack the \['study_id', 'view'\] column"):
+        at_levels(runs[:1], [bare], manifests[:1], ["image", "mean"])
     with pytest.raises(DataError, match="s0: predictions have no image:<class> columns"):
         at_levels(runs[:1], [_frames(y, s, ids)[0]], manifests[:1], ["image"])

@@ -635,6 +635,8 @@ def at_levels(
                     raise DataError(f"{run.name}: predictions have no {FUSED_PREFIX} columns "
                                     "(its fuse stage did not run); leave out --level fused")  # fmt: skip
                 scores = probabilities(preds, classes, FUSED_PREFIX)
+            elif level == "image":
+                scores = image
             else:
                 scores = aggregate(image, preds["study_id"].to_numpy(), preds["view"].to_numpy(), level)
             frame = preds.drop(columns=[c for c in preds.columns if str(c).startswith("p:")])
