@@ -20,6 +20,7 @@ from cxrlt.data.cache import (
     decode_jpeg_batch,
     load_resized,
     load_resized_cv2,
+    load_resized_turbo,
 )
 from cxrlt.errors import DataError
 from cxrlt.speed import reference_resized
@@ -41,12 +42,13 @@ def _smooth(h: int, w: int, seed: int = 0) -> np.ndarray:
 
 
 @pytest.mark.parametrize("size", [128, 256, 512])
-def test_both_decoders_match_the_reference_path_within_tolerance(tmp_path: Path, size: int):
-    """2,000 x 1,600 originals: DCT reduction 1/8 (128 px), 1/4 (256), 1/2 (512)."""
+def test_every_decoder_matches_the_reference_path_within_tolerance(tmp_path: Path, size: int):
+    """2,000 x 1,600 originals: DCT reduction 1/8 (128 px), 1/4 (256), 1/2 (512; `turbo`: 3/8,
+    a 750 px long side area-averaged to 512)."""
     p = _write(tmp_path / "big.jpg", _smooth(2000, 1600))
     ref = reference_resized(p, size, str(tmp_path / "ref.jpg")).astype(int)
     assert (tmp_path / "ref.jpg").exists()
-    for load in (load_resized, load_resized_cv2):
+    for load in (load_resized, load_resized_cv2, load_resized_turbo):
         out = load(p, size).astype(int)
         assert out.shape == ref.shape == (size, size)
         # Same geometry: the padding columns are zero in both.
@@ -56,29 +58,45 @@ def test_both_decoders_match_the_reference_path_within_tolerance(tmp_path: Path,
         assert np.percentile(diff, 99.9) <= REF_P999_ABS, (load.__name__, np.percentile(diff, 99.9))
 
 
-def test_cv2_decoder_handles_what_the_pil_decoder_does(tmp_path: Path):
+@pytest.mark.parametrize("load", [load_resized_cv2, load_resized_turbo])
+def test_fast_decoders_handle_what_the_pil_decoder_does(tmp_path: Path, load):
     """Aspect and padding, colour JPEGs, small originals (enlarged), 16-bit PNGs by declared depth."""
     wide = _write(tmp_path / "w.png", np.full((100, 200), 200, np.uint8), "PNG")
-    np.testing.assert_array_equal(load_resized_cv2(wide, 64), load_resized(wide, 64))
+    np.testing.assert_array_equal(load(wide, 64), load_resized(wide, 64))
     colour = np.stack([_smooth(300, 240)] * 3, axis=-1)
     c = _write(tmp_path / "c.jpg", colour)
-    assert np.abs(load_resized_cv2(c, 128).astype(int) - load_resized(c, 128)).mean() <= REF_MEAN_ABS
+    assert np.abs(load(c, 128).astype(int) - load_resized(c, 128)).mean() <= REF_MEAN_ABS
     small = _write(tmp_path / "s.jpg", _smooth(100, 80))
-    assert np.abs(load_resized_cv2(small, 200).astype(int) - load_resized(small, 200)).mean() <= 2.0
+    assert np.abs(load(small, 200).astype(int) - load_resized(small, 200)).mean() <= 2.0
     ramp = np.linspace(0, 4095, 64 * 64).reshape(64, 64).astype(np.uint16)
     twelve = _write(tmp_path / "twelve.png", ramp, "PNG")
-    np.testing.assert_array_equal(load_resized_cv2(twelve, 64, 12), load_resized(twelve, 64, 12))
+    np.testing.assert_array_equal(load(twelve, 64, 12), load_resized(twelve, 64, 12))
 
 
-def test_cv2_decoder_refuses_truncated_and_garbage_jpegs(tmp_path: Path):
+@pytest.mark.parametrize("decoder", ["cv2", "turbo"])
+def test_fast_decoders_refuse_truncated_and_garbage_jpegs(tmp_path: Path, decoder: str):
     good = Path(_write(tmp_path / "g.jpg", _smooth(400, 300))).read_bytes()
     (tmp_path / "t.jpg").write_bytes(good[: len(good) // 2])
     (tmp_path / "x.jpg").write_bytes(b"\xff\xd8 not a jpeg")
-    with pytest.raises(OSError, match="truncated"):
-        load_resized_cv2(tmp_path / "t.jpg", 64)
+    load = {"cv2": load_resized_cv2, "turbo": load_resized_turbo}[decoder]
+    with pytest.raises((OSError, ValueError)):
+        load(tmp_path / "t.jpg", 64)
     paths = [str(tmp_path / n) for n in ("g.jpg", "t.jpg", "x.jpg")]
     with pytest.raises(DataError, match=r"2 unreadable images[\s\S]*t\.jpg[\s\S]*x\.jpg"):
-        build_cache(_manifest(paths), tmp_path / "cache", 32, workers=1, progress=False, decoder="cv2")
+        build_cache(_manifest(paths), tmp_path / "cache", 32, workers=1, progress=False, decoder=decoder)
+
+
+def test_turbo_decodes_below_half_scale_with_the_other_decoders_geometry(tmp_path: Path):
+    """A 3,000 x 2,500 original to 1,024 px: PIL and OpenCV stop at 1/2 (1,500 px); turbo
+    decodes at 3/8 (1,125 px), yet its padding columns, hence its width, are theirs."""
+    p = _write(tmp_path / "big.jpg", _smooth(3000, 2500))
+    import simplejpeg
+
+    data = Path(p).read_bytes()
+    assert simplejpeg.decode_jpeg(data, colorspace="GRAY", min_height=1024, min_width=853).shape[:2] == (1125, 938)
+    turbo, pil = load_resized_turbo(p, 1024).astype(int), load_resized(p, 1024).astype(int)
+    np.testing.assert_array_equal(turbo == 0, pil == 0)
+    assert np.abs(turbo - pil).mean() <= REF_MEAN_ABS
 
 
 @pytest.fixture(scope="module")

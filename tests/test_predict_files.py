@@ -98,15 +98,16 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
             "images": images, "expected": expected, "cache": ImageCache(root / "cache")}  # fmt: skip
 
 
-def test_the_recorded_decoder_is_the_one_used(setup, tmp_path: Path):
-    """A model trained on a `cache.decoder: cv2` cache records it, and its files get that
-    cache's pixels (area resize), not the default decoder's."""
+@pytest.mark.parametrize("decoder", ["cv2", "turbo"])
+def test_the_recorded_decoder_is_the_one_used(setup, tmp_path: Path, decoder: str):
+    """A model trained on a `cache.decoder: cv2` (or `turbo`) cache records it, and its files
+    get that cache's pixels (area resize), not the default decoder's."""
     images = setup["images"]
     manifest = pd.DataFrame({"image_id": [f"id{i}" for i in range(len(images))], "path": [str(p) for p in images]})
-    build_cache(manifest, tmp_path / "cv2", SIZE, workers=1, progress=False, decoder="cv2")
-    cv2_cache = ImageCache(tmp_path / "cv2")
-    pre = Preprocessing.from_checkpoint({"preprocessing": Preprocessing(SIZE, decoder="cv2").to_dict()}, "m.pt")
-    assert pre.decoder == "cv2"
+    build_cache(manifest, tmp_path / decoder, SIZE, workers=1, progress=False, decoder=decoder)
+    cv2_cache = ImageCache(tmp_path / decoder)
+    pre = Preprocessing.from_checkpoint({"preprocessing": Preprocessing(SIZE, decoder=decoder).to_dict()}, "m.pt")
+    assert pre.decoder == decoder
     differ = 0
     for i, path in enumerate(images):
         got = load_image(path, pre)

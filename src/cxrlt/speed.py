@@ -137,10 +137,14 @@ def bench_build(paths: list[str], size: int, work: Path, workers: int = 2,
         ("cache, decoder pil (default), format raw", 1): build("pil", "raw", 1),
         ("cache, decoder cv2, format raw", 1): build("cv2", "raw", 1),
         ("cache, decoder cv2, format jpeg", 1): build("cv2", "jpeg", 1),
+        ("cache, decoder turbo, format raw", 1): build("turbo", "raw", 1),
+        ("cache, decoder turbo, format jpeg", 1): build("turbo", "jpeg", 1),
         ("reference: colour decode + LANCZOS4 + JPEG file", workers): reference(workers),
         ("cache, decoder pil (default), format raw", workers): build("pil", "raw", workers),
         ("cache, decoder cv2, format raw", workers): build("cv2", "raw", workers),
         ("cache, decoder cv2, format jpeg", workers): build("cv2", "jpeg", workers),
+        ("cache, decoder turbo, format raw", workers): build("turbo", "raw", workers),
+        ("cache, decoder turbo, format jpeg", workers): build("turbo", "jpeg", workers),
     }
     rates = _best_rates({f"{k[0]}\t{k[1]}": v for k, v in methods.items()}, repeats)
     rows = []

@@ -9,12 +9,14 @@ Loaders read only the cache, through `ImageCache.read`. Two storage formats (`ca
   levels), exact as PNG; a read decodes (a few ms at 1024 px; batched on the GPU with
   `ImageCache.read_tensor`).
 Building it:
-- two decoders (`cache.decoder`): `pil` (default) decodes JPEGs at reduced scale (PIL draft
+- three decoders (`cache.decoder`): `pil` (default) decodes JPEGs at reduced scale (PIL draft
   mode: DCT scaling to 1/2, 1/4, 1/8) before an antialiased bilinear resize; `cv2` lets
-  libjpeg-turbo pick the largest DCT reduction that still covers the long side and area-
-  averages the rest (OpenCV). Both are ~2.5-3x the reference path at 1024 px and within the
-  benchmark's noise of each other (`bench/bench_speed.py`): decoding the entropy-coded data,
-  which no DCT scaling avoids, is most of the time. They give different pixels (within a few
+  libjpeg-turbo pick the largest of those reductions that still covers the long side and
+  area-averages the rest (OpenCV); `turbo` (simplejpeg) also uses libjpeg-turbo's finer M/8
+  scales (3/8 takes a 3,000 px original to 1,125 px, where 1/2 gives 1,500) and area-averages
+  to the size set by the original's dimensions. `pil` and `cv2` are ~2.5-3x the reference
+  path at 1024 px, `turbo` about 4x (`bench/bench_speed.py`): decoding the entropy-coded data,
+  which no DCT scaling avoids, is most of the rest. They give different pixels (within a few
   grey levels), so switching rebuilds the cache;
 - several processes, a progress bar;
 - resumable: rows are written into a partial memmap (or appended to a partial bytes file whose
@@ -87,13 +89,13 @@ def load_resized(path: str | os.PathLike, size: int, bits_stored: int = 16) -> n
 
 def resize_pad(img: Image.Image, size: int, bits_stored: int = 16, decoder: str = "pil") -> np.ndarray:
     """A decoded image as the cache stores it: uint8 gray, long side `size`, centred, zero-padded,
-    resized as `decoder` resizes (`pil`: bilinear with PIL's reducing gap; `cv2`: area).
+    resized as `decoder` resizes (`pil`: bilinear with PIL's reducing gap; `cv2`, `turbo`: area).
 
     Shared by the cache and by `cxrlt predict` (which also feeds it converted DICOM pixels), so
     a file scored outside the pipeline gets exactly the pixels the model was trained on.
     """
     img = _to_uint8_gray(img, bits_stored)
-    if decoder == "cv2":
+    if decoder in ("cv2", "turbo"):
         return _cv2_resize_pad(np.asarray(img, dtype=np.uint8), size)
     w, h = img.size
     nw, nh = _fit(w, h, size)
@@ -102,9 +104,10 @@ def resize_pad(img: Image.Image, size: int, bits_stored: int = 16, decoder: str 
     return _pad(np.asarray(img, dtype=np.uint8), size)
 
 
-def _cv2_resize_pad(a: np.ndarray, size: int) -> np.ndarray:
+def _cv2_resize_pad(a: np.ndarray, size: int, target: tuple[int, int] | None = None) -> np.ndarray:
+    """`a` resized to `target` (width, height; default: `a`'s own fit to `size`) and padded."""
     h, w = a.shape
-    nw, nh = _fit(w, h, size)
+    nw, nh = target or _fit(w, h, size)
     if (nw, nh) != (w, h):
         # Area averaging when shrinking (antialiased); bilinear when enlarging a small original.
         shrink = nw < w or nh < h
@@ -138,7 +141,25 @@ def load_resized_cv2(path: str | os.PathLike, size: int, bits_stored: int = 16) 
     return _cv2_resize_pad(a, size)
 
 
-DECODERS = {"pil": load_resized, "cv2": load_resized_cv2}
+def load_resized_turbo(path: str | os.PathLike, size: int, bits_stored: int = 16) -> np.ndarray:
+    """`load_resized` through libjpeg-turbo's own scaled decode (simplejpeg): a JPEG is decoded
+    grey at the smallest of the library's M/8 scales whose width and height still cover the
+    target, then area-averaged to the target computed from the original's dimensions (so the
+    geometry is the other decoders'); other formats go as `load_resized_cv2` sends them."""
+    data = Path(path).read_bytes()
+    if not data.startswith(b"\xff\xd8"):  # not a JPEG: PIL reads it, OpenCV resizes
+        with Image.open(path) as img:
+            img.load()
+            return resize_pad(img, size, bits_stored, "turbo")
+    sj = _simplejpeg()
+    h, w, _, _ = sj.decode_jpeg_header(data)
+    nw, nh = _fit(w, h, size)
+    # strict: a truncated or corrupt file raises (libjpeg alone would pad it with grey).
+    a = sj.decode_jpeg(data, colorspace="GRAY", min_height=nh, min_width=nw, strict=True)
+    return _cv2_resize_pad(np.ascontiguousarray(a[:, :, 0]), size, (nw, nh))
+
+
+DECODERS = {"pil": load_resized, "cv2": load_resized_cv2, "turbo": load_resized_turbo}
 FORMATS = ("raw", "jpeg", "png")
 
 
@@ -179,6 +200,13 @@ def _cv2():  # noqa: ANN202 - the cv2 module
 
     cv2.setNumThreads(1)
     return cv2
+
+
+def _simplejpeg():  # noqa: ANN202 - the simplejpeg module
+    """simplejpeg (libjpeg-turbo's TurboJPEG API), imported on first use by `cache.decoder: turbo`."""
+    import simplejpeg
+
+    return simplejpeg
 
 
 def encode(image: np.ndarray, fmt: str, quality: int = 95) -> bytes:
@@ -312,6 +340,8 @@ def _key(image_ids: list[str], paths: list[str], size: int, bits_stored: int, de
     settings = f"{size}\t{bits_stored}\t{CODE_VERSION}"
     if decoder != "pil" or fmt != "raw":
         settings += f"\t{decoder}\t{fmt}\t{quality}\tOpenCV {_cv2().__version__}"
+    if decoder == "turbo":
+        settings += f"\tsimplejpeg {_simplejpeg().__version__}"
     h = hashlib.sha1(f"{settings}\n".encode())
     for i, p in zip(image_ids, paths, strict=True):
         h.update(f"{i}\t{p}\n".encode())
