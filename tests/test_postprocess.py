@@ -12,6 +12,7 @@ from cxrlt.postprocess import (
     MIN_SLOPE,
     aggregate,
     fit_calibration,
+    level_scores,
     postprocess,
     settings,
 )
@@ -38,6 +39,25 @@ def test_aggregation_levels_by_hand():
     grouped = aggregate(probs, study, view, "view_group")
     np.testing.assert_allclose(grouped[[0, 1, 3]], [[0.5, 0.4]] * 3)
     np.testing.assert_allclose(grouped[2], probs[2])
+
+
+def test_level_scores_read_a_predictions_file_as_the_predict_stage_aggregates():
+    probs, study, view = _study_rows()
+    fused = probs[::-1].copy()
+    preds = pd.DataFrame({"study_id": study, "view": view,
+                          **{f"image:{c}": probs[:, i] for i, c in enumerate(CLASSES)},
+                          **{f"fused:{c}": fused[:, i] for i, c in enumerate(CLASSES)}})  # fmt: skip
+    for level in ("image", "mean", "max", "view_group"):
+        np.testing.assert_array_equal(level_scores(preds, CLASSES, level), aggregate(probs, study, view, level))
+    np.testing.assert_array_equal(level_scores(preds, CLASSES, "fused"), fused)
+    image_only = preds.drop(columns=["study_id", "view", "fused:A", "fused:B"])
+    np.testing.assert_array_equal(level_scores(image_only, CLASSES, "image"), probs)
+    with pytest.raises(DataError, match=r"run7.csv: no fused:<class> columns"):
+        level_scores(image_only, CLASSES, "fused", where="run7.csv")
+    with pytest.raises(DataError, match=r"\['study_id', 'view'\].*'mean'"):
+        level_scores(image_only, CLASSES, "mean")
+    with pytest.raises(DataError, match="unknown level 'median'"):
+        level_scores(preds, CLASSES, "median")
 
 
 def test_aggregation_does_not_depend_on_row_order():

@@ -40,8 +40,8 @@ from cxrlt import metrics as M
 from cxrlt.data.manifest import label_matrix
 from cxrlt.errors import DataError
 from cxrlt.labels import frequency_groups
-from cxrlt.postprocess import AGGREGATIONS, LEVELS, aggregate
-from cxrlt.submission import FUSED_PREFIX, IMAGE_PREFIX, probabilities
+from cxrlt.postprocess import AGGREGATIONS, LEVELS, level_scores
+from cxrlt.submission import FUSED_PREFIX, IMAGE_PREFIX
 
 __all__ = [
     "Run",
@@ -628,17 +628,11 @@ def at_levels(
         missing = [c for c in ("study_id", "view") if c not in preds.columns]
         if missing and any(lv in AGGREGATIONS and lv != "image" for lv in wanted):
             raise DataError(f"{run.name}: predictions lack the {missing} column(s) an aggregation needs")
-        image = probabilities(preds, classes, IMAGE_PREFIX)
+        if "fused" in wanted and not all(f"{FUSED_PREFIX}{c}" in preds.columns for c in classes):
+            raise DataError(f"{run.name}: predictions have no {FUSED_PREFIX} columns "
+                            "(its fuse stage did not run); leave out --level fused")  # fmt: skip
         for level in wanted:
-            if level == "fused":
-                if not all(f"{FUSED_PREFIX}{c}" in preds.columns for c in classes):
-                    raise DataError(f"{run.name}: predictions have no {FUSED_PREFIX} columns "
-                                    "(its fuse stage did not run); leave out --level fused")  # fmt: skip
-                scores = probabilities(preds, classes, FUSED_PREFIX)
-            elif level == "image":
-                scores = image
-            else:
-                scores = aggregate(image, preds["study_id"].to_numpy(), preds["view"].to_numpy(), level)
+            scores = level_scores(preds, classes, level, where=f"{run.name}: predictions")
             frame = preds.drop(columns=[c for c in preds.columns if str(c).startswith("p:")])
             frame = frame.assign(**{f"p:{c}": scores[:, i] for i, c in enumerate(classes)})
             out_runs.append(replace(run, name=f"{run.name}@{level}",

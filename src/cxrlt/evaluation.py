@@ -29,7 +29,7 @@ from cxrlt.errors import DataError
 from cxrlt.io import atomic_path, write_text
 from cxrlt.labels import GROUPS, frequency_groups
 from cxrlt.params import section
-from cxrlt.postprocess import AGGREGATIONS, aggregate, settings
+from cxrlt.postprocess import AGGREGATIONS, level_scores, settings
 from cxrlt.submission import FUSED_PREFIX, IMAGE_PREFIX, probabilities
 
 SUMMARY_KEYS = (
@@ -133,12 +133,10 @@ def level_comparison(
     """
     from cxrlt.compare import paired_bootstrap, paired_difference
 
-    raw = probabilities(rows, classes, IMAGE_PREFIX)
     names = list(AGGREGATIONS)
-    scores = [aggregate(raw, rows["study_id"].to_numpy(), rows["view"].to_numpy(), lv) for lv in names]
     if all(f"{FUSED_PREFIX}{c}" in rows.columns for c in classes):
         names.append("fused")
-        scores.append(probabilities(rows, classes, FUSED_PREFIX))
+    scores = [level_scores(rows, classes, lv) for lv in names]
     pb = None
     if n_bootstrap > 0:
         pb = paired_bootstrap(y, scores, classes, groups, ids=rows[cluster].to_numpy(),

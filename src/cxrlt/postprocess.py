@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from cxrlt.errors import DataError
+from cxrlt.submission import FUSED_PREFIX, IMAGE_PREFIX, probabilities
 
 # image: the image model's own output. mean / max over a study's images. view_group: mean
 # within frontal, within lateral and within unknown-view images, then the mean of the groups
@@ -65,6 +66,25 @@ def aggregate(
         per_view = frame.groupby([study, view], sort=False).mean()
         table = per_view.groupby(level=0, sort=False).mean()
     return table.loc[study].to_numpy(dtype=np.float64)
+
+
+def level_scores(preds: pd.DataFrame, classes: Sequence[str], level: str, where: str = "predictions") -> np.ndarray:
+    """(n, C) uncalibrated scores of a predictions file's rows at `level`, from its stored
+    `image:` (and `fused:`) columns: the aggregations recomputed as the predict stage makes
+    them, so the evaluate stage and `cxrlt compare --level` score one trained model at every
+    level without re-running it."""
+    check_level(level, where=f"{where}: level")
+    if level == "fused":
+        if not all(f"{FUSED_PREFIX}{c}" in preds.columns for c in classes):
+            raise DataError(f"{where}: no {FUSED_PREFIX}<class> columns (the fuse stage did not run)")
+        return probabilities(preds, classes, FUSED_PREFIX)
+    image = probabilities(preds, classes, IMAGE_PREFIX)
+    if level == "image":
+        return image
+    missing = [c for c in ("study_id", "view") if c not in preds.columns]
+    if missing:
+        raise DataError(f"{where}: no {missing} column(s), which the {level!r} aggregation needs")
+    return aggregate(image, preds["study_id"].to_numpy(), preds["view"].to_numpy(), level)
 
 
 def logit(p: np.ndarray) -> np.ndarray:
