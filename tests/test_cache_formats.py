@@ -41,10 +41,10 @@ def _smooth(h: int, w: int, seed: int = 0) -> np.ndarray:
     return (img + rng.normal(0, 1.0, img.shape)).clip(0, 255).astype(np.uint8)
 
 
-@pytest.mark.parametrize("size", [128, 256, 512])
+@pytest.mark.parametrize("size", [128, 256, 512, 1024])
 def test_every_decoder_matches_the_reference_path_within_tolerance(tmp_path: Path, size: int):
     """2,000 x 1,600 originals: DCT reduction 1/8 (128 px), 1/4 (256), 1/2 (512; `turbo`: 3/8,
-    a 750 px long side area-averaged to 512)."""
+    a 750 px long side area-averaged to 512), none (1024; `turbo`: 5/8, 1,250 px, bilinear)."""
     p = _write(tmp_path / "big.jpg", _smooth(2000, 1600))
     ref = reference_resized(p, size, str(tmp_path / "ref.jpg")).astype(int)
     assert (tmp_path / "ref.jpg").exists()
