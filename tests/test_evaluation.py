@@ -545,3 +545,11 @@ def test_levels_side_by_side_with_the_fused_row(tmp_path, no_figures):
     assert "| test | fused |" in (tmp_path / "reports" / "evaluation.md").read_text()
     with pytest.raises(DataError, match="no fused: columns"):
         evaluation.run(preds.drop(columns=[f"fused:{c}" for c in CLASSES]), manifest, make_info(manifest), params)
+
+
+def test_report_header_names_the_training_recipe_the_checkpoint_records():
+    assert evaluation._recipe({"loss": "bce"}) == ""  # a checkpoint from before samplers were recorded
+    assert evaluation._recipe({"sampler": "random", "drw_epoch": None, "ema_decay": None}) == ", sampler `random`"
+    got = evaluation._recipe({"sampler": "class_aware", "drw_epoch": 4, "ema_decay": 0.999, "crt": {"epochs": 10}})
+    assert got == (", sampler `class_aware`, deferred re-weighting (`drw_epoch` 4), EMA weights (decay 0.999), "
+                   "classifier re-trained (cRT)")  # fmt: skip

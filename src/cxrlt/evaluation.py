@@ -388,6 +388,18 @@ def _vs_baseline(value: float | None, baseline: float | None) -> str:
     return f"{value:.3f} vs {baseline:.3f}{lift}"
 
 
+def _recipe(info: Mapping[str, Any]) -> str:
+    """The training choices beyond the loss that the checkpoint records (older ones may not)."""
+    parts = [f", sampler `{info['sampler']}`"] if info.get("sampler") else []
+    if info.get("drw_epoch") is not None:
+        parts.append(f", deferred re-weighting (`drw_epoch` {info['drw_epoch']})")
+    if info.get("ema_decay"):
+        parts.append(f", EMA weights (decay {info['ema_decay']})")
+    if info.get("crt"):
+        parts.append(", classifier re-trained (cRT)")
+    return "".join(parts)
+
+
 def render_report(
     results: Mapping[str, Mapping[str, Any]],
     summaries: Mapping[str, Mapping[str, Any]],
@@ -411,8 +423,8 @@ def render_report(
     lines = [
         "# Evaluation report",
         "",
-        f"Model: `{model['backbone']}` + `{model['head']}` head, loss `{info['loss']}`, "
-        f"seed {info['seed']}, best val mAP {_fmt(info.get('val_mAP'))}.",
+        f"Model: `{model['backbone']}` + `{model['head']}` head, loss `{info['loss']}`"
+        f"{_recipe(info)}, seed {info['seed']}, best val mAP {_fmt(info.get('val_mAP'))}.",
         "",
     ]
     if unlabelled:
