@@ -84,6 +84,28 @@ def test_corrupt_images_fail_with_a_list_then_resume(tmp_path: Path):
     assert ImageCache(tmp_path / "cache").ok.all()
 
 
+def test_parallel_raw_build_writes_the_serial_builds_bytes(tmp_path: Path):
+    """Workers write their rows into the partial memmap themselves: the same file as one
+    process, unreadable rows zero, and a resumed parallel build fills only what is missing."""
+    rng = np.random.default_rng(0)
+    paths = [_write(tmp_path / f"{i}.jpg", rng.integers(0, 255, (70 + i, 50), dtype=np.uint8)) for i in range(11)]
+    Path(paths[4]).write_bytes(b"not an image")
+    m = _manifest(paths)
+    build_cache(m, tmp_path / "one", 32, workers=1, chunk=3, on_error="skip", progress=False)
+    build_cache(m, tmp_path / "two", 32, workers=2, chunk=2, on_error="skip", progress=False)
+    one, two = np.load(tmp_path / "one" / "images.npy"), np.load(tmp_path / "two" / "images.npy")
+    np.testing.assert_array_equal(one, two)
+    assert not two[4].any() and two[5].any()
+    with pytest.raises(DataError, match="1 unreadable"):  # fail: the partial build is kept
+        build_cache(m, tmp_path / "three", 32, workers=2, chunk=2, progress=False)
+    Path(paths[4]).write_bytes(Path(paths[3]).read_bytes())
+    report = build_cache(m, tmp_path / "three", 32, workers=2, chunk=2, progress=False)
+    assert report.resumed_from == 10 and report.failed == []
+    three = np.load(tmp_path / "three" / "images.npy")
+    np.testing.assert_array_equal(three[4], three[3])
+    np.testing.assert_array_equal(np.delete(three, 4, axis=0), np.delete(one, 4, axis=0))
+
+
 def test_skip_policy_records_and_marks(tmp_path: Path):
     paths = [_write(tmp_path / f"{i}.jpg", np.full((50, 50), 100, np.uint8)) for i in range(4)]
     Path(paths[2]).write_bytes(b"\xff\xd8garbage")
