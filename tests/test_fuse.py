@@ -116,3 +116,19 @@ def test_residual_fusion_trains_saves_its_prior_and_predicts_from_the_file(stage
     cache = ImageCache(cache_dir)
     p1 = table.predict(model, cache, 1, torch.device("cpu"))
     np.testing.assert_allclose(p1, table.predict(model, cache, 64, torch.device("cpu")), rtol=0, atol=1e-5)
+
+
+def test_fuse_sampler_draws_studies_by_name_or_as_stage_1_did(stage1, tmp_path: Path):
+    """`fuse.sampler` over studies and their union labels: `stage1` takes the top-level
+    sampler and its settings; the default checkpoint records nothing new; a bad name is a
+    one-line error before training."""
+    df, cache_dir, ckpt, base = stage1
+    as_stage1 = {**_params(base, epochs=1, sampler="stage1"), "sampler": "repeat_factor",
+                 "samplers": {"repeat_factor": {"threshold": 0.5}}}  # fmt: skip
+    assert fit_fusion(df, CLASSES, cache_dir, ckpt, as_stage1, tmp_path / "r.pt")["sampler"] == "repeat_factor"
+    assert "sampler" not in fit_fusion(df, CLASSES, cache_dir, ckpt, _params(base, epochs=1), tmp_path / "d.pt")
+    assert (tmp_path / "r.pt").read_bytes() != (tmp_path / "d.pt").read_bytes()
+    with pytest.raises(DataError, match="fuse.sampler: unknown sampler 'balanced'; valid: stage1, class_aware, random"):
+        fit_fusion(df, CLASSES, cache_dir, ckpt, _params(base, sampler="balanced"), tmp_path / "x.pt")
+    ca = fit_fusion(df, CLASSES, cache_dir, ckpt, _params(base, epochs=1, sampler="class_aware"), tmp_path / "c.pt")
+    assert ca["sampler"] == "class_aware"

@@ -36,6 +36,7 @@ from cxrlt.losses import build_loss
 from cxrlt.metrics import average_precision
 from cxrlt.models.fusion import FusionConfig, FusionModel
 from cxrlt.params import settings_section
+from cxrlt.training.samplers import SAMPLERS, build_sampler
 
 
 @dataclass(frozen=True)
@@ -48,11 +49,17 @@ class FuseTrainConfig:
     random_views: bool = True
     device: str = "auto"
     feature_batch_size: int = 128
+    # Which studies an epoch shows: `stage1` uses the top-level `sampler` (and its
+    # `samplers.<name>` settings) over studies and their union labels, or name one.
+    sampler: str = "random"
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> FuseTrainConfig:
         keys = {k: v for k, v in params.items() if k in cls.__dataclass_fields__}
         cfg = cls(**keys)
+        valid = ("stage1", *sorted(SAMPLERS))
+        if cfg.sampler not in valid:
+            raise DataError(f"params fuse.sampler: unknown sampler {cfg.sampler!r}; valid: {', '.join(valid)}")
         if isinstance(cfg.epochs, bool) or not isinstance(cfg.epochs, int) or cfg.epochs < 1:
             raise DataError(f"params fuse.epochs must be an integer >= 1, got {cfg.epochs!r}")
         if not (cfg.lr > 0 and cfg.weight_decay >= 0 and cfg.batch_size > 0 and 0 <= cfg.warmup_fraction < 1):
@@ -123,7 +130,10 @@ def fit_fusion(
     no_decay = [p for p in trainable if p.ndim <= 1]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": tcfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=tcfg.lr)  # fmt: skip
-    steps_per_epoch = max(1, len(train) // tcfg.batch_size)
+    name = str(params.get("sampler", "random")) if tcfg.sampler == "stage1" else tcfg.sampler
+    sampler = build_sampler(name, (params.get("samplers") or {}).get(name), np.nan_to_num(labels, nan=0.0),
+                            mask, classes, seed)  # fmt: skip
+    steps_per_epoch = max(1, sampler.epoch_length // tcfg.batch_size)
     total = tcfg.epochs * steps_per_epoch
     warmup = int(total * tcfg.warmup_fraction)
 
@@ -142,7 +152,7 @@ def fit_fusion(
     history: list[float] = []
     for epoch in range(tcfg.epochs):
         rng = np.random.default_rng([seed, epoch])
-        order = rng.permutation(len(train))
+        order = sampler.order(rng)  # `random`: rng.permutation(len(train))
         slots = table.slots(rng if tcfg.random_views else None)
         model.train()
         losses = []
@@ -184,5 +194,7 @@ def fit_fusion(
         "stage1_val_mAP": info1.get("val_mAP"),
         "train": asdict(tcfg),
     }
+    if name != "random":  # recorded only when on: the default checkpoint stays as it was
+        info["sampler"] = name
     save_checkpoint(out_checkpoint, best[2], info)
     return info
