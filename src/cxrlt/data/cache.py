@@ -13,11 +13,12 @@ Building it:
   mode: DCT scaling to 1/2, 1/4, 1/8) before an antialiased bilinear resize; `cv2` lets
   libjpeg-turbo pick the largest of those reductions that still covers the long side and
   area-averages the rest (OpenCV); `turbo` (simplejpeg) also uses libjpeg-turbo's finer M/8
-  scales (3/8 takes a 3,000 px original to 1,125 px, where 1/2 gives 1,500) and area-averages
-  to the size set by the original's dimensions. `pil` and `cv2` are ~2.5-3x the reference
-  path at 1024 px, `turbo` about 4x (`bench/bench_speed.py`): decoding the entropy-coded data,
-  which no DCT scaling avoids, is most of the rest. They give different pixels (within a few
-  grey levels), so switching rebuilds the cache;
+  scales (3/8 takes a 3,000 px original to 1,125 px, where 1/2 gives 1,500), then a bilinear
+  resize (area when more than 4/3 is left) to the size set by the original's dimensions.
+  Decoding the entropy-coded data, which no DCT scaling avoids, is most of the time, and
+  `turbo` leaves the least on top of it (`bench/bench_speed.py` measures all three against the
+  reference path). They give different pixels (within a few grey levels), so switching
+  rebuilds the cache;
 - several processes, a progress bar;
 - resumable: rows are written into a partial memmap (or appended to a partial bytes file whose
   table is saved with each checkpoint) beside a done-mask, so a killed build continues where
