@@ -50,7 +50,8 @@ class FuseTrainConfig:
     device: str = "auto"
     feature_batch_size: int = 128
     # Which studies an epoch shows: `stage1` uses the top-level `sampler` (and its
-    # `samplers.<name>` settings) over studies and their union labels, or name one.
+    # `samplers.<name>` settings) over studies and their union labels, or name one. The
+    # default here is what runs made before the key existed did; params.yaml sets `stage1`.
     sampler: str = "random"
 
     @classmethod
