@@ -33,7 +33,7 @@ lint: setup
 
 bench: setup
 	$(PY) bench/bench_metrics.py
-	$(PY) bench/bench_speed.py --out bench/out/speed.md
+	$(PY) bench/bench_speed.py --repeats 3 --out bench/out/speed.md
 	$(PY) bench/bench_gpu_step.py
 	$(PY) bench/bench_train.py
 	$(PY) bench/bench_bootstrap_coverage.py
