@@ -1,14 +1,17 @@
 """Stage evaluate: metrics JSON, DVC plot data, figures and a report for dev and test."""
 
 from cxrlt.evaluation import run
-from cxrlt.inference import load_checkpoint
+from cxrlt.inference import read_checkpoint
 from cxrlt.params import load_params, section
 from cxrlt.stage import read_parquet, run_stage
 
 
 def main() -> None:
     params = load_params()
-    _, info = load_checkpoint(section(params, "train.checkpoint"))
+    # The record (classes, training counts, recipe) is all the report needs: reading it without
+    # building the model skips the backbone library's import (a few seconds per run).
+    ckpt = read_checkpoint(section(params, "train.checkpoint"))
+    info = {k: v for k, v in ckpt.items() if k != "state_dict"}
     preds = read_parquet(section(params, "predict.out"), "predict.out", "predict")
     manifest = read_parquet(section(params, "data.manifest"), "data.manifest", "prepare")
     summaries = run(preds, manifest, info, params)
