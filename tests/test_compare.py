@@ -386,11 +386,11 @@ def test_levels_of_the_same_runs_are_paired_seed_by_seed():
     with pytest.raises(DataError, match="--level medain: unknown level; valid: image, mean"):
         at_levels(runs, preds, manifests, ["medain"])
     no_fused = [_with_levels(_frames(y, s, ids)[0], s, None, rng)]
-    with pytest.raises(DataError, match="s0: predictions have no fused: columns"):
+    with pytest.raises(DataError, match="s0: predictions: no fused:<class> columns .the fuse stage did not run.; score another level"):
         at_levels(runs[:1], no_fused, manifests[:1], ["image", "fused"])
     bare = no_fused[0].drop(columns=["study_id", "view"])
     assert at_levels(runs[:1], [bare], manifests[:1], ["image"])[1][0].shape[0] == len(bare)
-    with pytest.raises(DataError, match=r"lack the \['study_id', 'view'\] column"):
+    with pytest.raises(DataError, match=r"s0: predictions: no \['study_id', 'view'\] column\(s\), which the 'mean' aggregation needs"):
         at_levels(runs[:1], [bare], manifests[:1], ["image", "mean"])
     with pytest.raises(DataError, match="s0: predictions have no image:<class> columns"):
         at_levels(runs[:1], [_frames(y, s, ids)[0]], manifests[:1], ["image"])

@@ -40,8 +40,8 @@ from cxrlt import metrics as M
 from cxrlt.data.manifest import label_matrix
 from cxrlt.errors import DataError
 from cxrlt.labels import frequency_groups
-from cxrlt.postprocess import AGGREGATIONS, LEVELS, level_scores
-from cxrlt.submission import FUSED_PREFIX, IMAGE_PREFIX
+from cxrlt.postprocess import LEVELS, level_scores
+from cxrlt.submission import IMAGE_PREFIX
 
 __all__ = [
     "Run",
@@ -625,12 +625,6 @@ def at_levels(
         if not classes:
             raise DataError(f"{run.name}: predictions have no {IMAGE_PREFIX}<class> columns "
                             "(written before levels were stored); --level needs them")  # fmt: skip
-        missing = [c for c in ("study_id", "view") if c not in preds.columns]
-        if missing and any(lv in AGGREGATIONS and lv != "image" for lv in wanted):
-            raise DataError(f"{run.name}: predictions lack the {missing} column(s) an aggregation needs")
-        if "fused" in wanted and not all(f"{FUSED_PREFIX}{c}" in preds.columns for c in classes):
-            raise DataError(f"{run.name}: predictions have no {FUSED_PREFIX} columns "
-                            "(its fuse stage did not run); leave out --level fused")  # fmt: skip
         for level in wanted:
             scores = level_scores(preds, classes, level, where=f"{run.name}: predictions")
             frame = preds.drop(columns=[c for c in preds.columns if str(c).startswith("p:")])

@@ -76,7 +76,8 @@ def level_scores(preds: pd.DataFrame, classes: Sequence[str], level: str, where:
     check_level(level, where=f"{where}: level")
     if level == "fused":
         if not all(f"{FUSED_PREFIX}{c}" in preds.columns for c in classes):
-            raise DataError(f"{where}: no {FUSED_PREFIX}<class> columns (the fuse stage did not run)")
+            raise DataError(f"{where}: no {FUSED_PREFIX}<class> columns (the fuse stage did not run); "
+                            "score another level")  # fmt: skip
         return probabilities(preds, classes, FUSED_PREFIX)
     image = probabilities(preds, classes, IMAGE_PREFIX)
     if level == "image":
