@@ -132,3 +132,18 @@ def test_fuse_sampler_draws_studies_by_name_or_as_stage_1_did(stage1, tmp_path: 
         fit_fusion(df, CLASSES, cache_dir, ckpt, _params(base, sampler="balanced"), tmp_path / "x.pt")
     ca = fit_fusion(df, CLASSES, cache_dir, ckpt, _params(base, epochs=1, sampler="class_aware"), tmp_path / "c.pt")
     assert ca["sampler"] == "class_aware"
+
+
+def test_fuse_sampler_that_cannot_draw_a_class_fails_before_the_feature_pass(stage1, tmp_path: Path, monkeypatch):
+    """A class with no positive training study is the sampler's one-line error, raised before
+    the backbone's pass over every image (minutes on real data), not after it."""
+    df, cache_dir, ckpt, base = stage1
+    no_hernia = df.copy()
+    no_hernia.loc[no_hernia["split"] == "train", "Hernia"] = 0.0
+
+    def feature_pass(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the feature pass ran before the sampler was checked")
+
+    monkeypatch.setattr("cxrlt.training.fusion.image_features", feature_pass)
+    with pytest.raises(DataError, match=r"sampler class_aware: no known positive .* \['Hernia'\]"):
+        fit_fusion(no_hernia, CLASSES, cache_dir, ckpt, _params(base, sampler="class_aware"), tmp_path / "x.pt")

@@ -108,6 +108,13 @@ def fit_fusion(
     if not train or val_rows.empty:
         raise DataError(f"fuse: need training studies and val images, got {len(train)} and {len(val_rows)}")
     val = StudyTable(val_rows, classes, fcfg.max_views)
+    labels = table.labels
+    mask = ~np.isnan(labels)
+    # The sampler first: a class it cannot draw (no positive training study) is an error
+    # before the backbone's pass over every image, not after.
+    name = str(params.get("sampler", "random")) if tcfg.sampler == "stage1" else tcfg.sampler
+    sampler = build_sampler(name, (params.get("samplers") or {}).get(name), np.nan_to_num(labels, nan=0.0),
+                            mask, classes, seed)  # fmt: skip
     torch.manual_seed(seed)
     model = FusionModel(classifier, fcfg, len(classes)).to(device)
     frozen = fcfg.freeze_backbone
@@ -119,8 +126,6 @@ def fit_fusion(
         index = {i: k for k, i in enumerate(ids)}
     else:
         index = None
-    labels = table.labels
-    mask = ~np.isnan(labels)
     counts = np.nansum(labels, axis=0)
     criterion = build_loss(params["loss"], (params.get("losses") or {}).get(params["loss"], {}),
                            counts / len(train), counts).to(device)  # fmt: skip
@@ -131,9 +136,6 @@ def fit_fusion(
     no_decay = [p for p in trainable if p.ndim <= 1]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": tcfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=tcfg.lr)  # fmt: skip
-    name = str(params.get("sampler", "random")) if tcfg.sampler == "stage1" else tcfg.sampler
-    sampler = build_sampler(name, (params.get("samplers") or {}).get(name), np.nan_to_num(labels, nan=0.0),
-                            mask, classes, seed)  # fmt: skip
     steps_per_epoch = max(1, sampler.epoch_length // tcfg.batch_size)
     total = tcfg.epochs * steps_per_epoch
     warmup = int(total * tcfg.warmup_fraction)
