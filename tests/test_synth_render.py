@@ -218,6 +218,43 @@ def test_all_findings_together_are_deterministic_and_each_is_drawn():
         assert not np.array_equal(full, _img([f for f in trio if f != left_out], seed=2))
 
 
+_RENDER_DIGEST = """
+import hashlib, numpy as np
+from cxrlt.synth.anatomy import sample_anatomy
+from cxrlt.synth.findings import FINDINGS
+from cxrlt.synth.render import render
+h = hashlib.sha256()
+for k in range(60):
+    rng = np.random.default_rng(k)
+    found = [FINDINGS[i] for i in rng.choice(len(FINDINGS), 4, replace=False)]
+    view = "lateral" if k % 3 == 0 else "frontal"
+    h.update(render(found, view, sample_anatomy(np.random.default_rng(100 + k)), rng, 256, 240))
+print(h.hexdigest())
+"""
+
+
+def test_same_bytes_whatever_numpys_simd_path():
+    """NumPy picks float32 SIMD code by CPU at run time; the images must not depend on it,
+    or the built-in dataset's hash in dvc.lock changes from one machine to the next."""
+    import os
+    import subprocess
+    import sys
+
+    from numpy._core._multiarray_umath import __cpu_dispatch__, __cpu_features__
+
+    extra = [f for f in __cpu_dispatch__ if __cpu_features__.get(f)]
+    if not extra:
+        pytest.skip("this CPU has no SIMD path beyond NumPy's baseline")
+
+    def digest(disabled: str) -> str:
+        env = {**os.environ, "NPY_DISABLE_CPU_FEATURES": disabled}
+        out = subprocess.run([sys.executable, "-c", _RENDER_DIGEST], env=env, check=True,
+                             capture_output=True, text=True)
+        return out.stdout.strip()
+
+    assert digest("") == digest(" ".join(extra))
+
+
 def test_kyphosis_shows_on_the_lateral_view_only():
     for seed in SEEDS:
         assert np.array_equal(_img(["Kyphosis"], seed=seed), _img([], seed=seed))

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cxrlt.synth import fmath as fm
+
 # --- Patient habitus and per-image geometry -----------------------------------------------
 
 
@@ -256,10 +258,10 @@ def _rib_point(g: _Geo, side: int, k: int, u: float) -> tuple[float, float]:
 def _spine_x(g: _Geo, y: np.ndarray | float) -> np.ndarray:
     """Frontal spine centre-line (curved by scoliosis)."""
     t = (np.asarray(y) - g.apex + 0.1) / (g.dia_r - g.apex + 0.25)
-    return g.cx + g.spine_amp * np.sin(np.pi * (2 * g.spine_waves * t) + g.spine_phase)
+    return g.cx + g.spine_amp * fm.sin(np.pi * (2 * g.spine_waves * t) + g.spine_phase)
 
 
 def _lat_spine_x(g: _Geo, y: np.ndarray | float) -> np.ndarray:
     """Lateral spine centre-line: thoracic kyphosis bows it posteriorly (image right)."""
     t = np.clip((np.asarray(y) - 0.0) / 0.95, 0, 1)
-    return g.spine_x + g.kyph * np.sin(np.pi * t) - 0.04 * t
+    return g.spine_x + g.kyph * fm.sin(np.pi * t) - 0.04 * t

@@ -10,6 +10,7 @@ import math
 
 import numpy as np
 
+from cxrlt.synth import fmath as fm
 from cxrlt.synth.anatomy import (
     _RIB_AMP,
     _dia,
@@ -48,7 +49,7 @@ def _base_frontal(c: _Ctx, rng: np.random.Generator) -> None:
     shoulder_top = (
         g.apex
         - 0.13
-        + 0.3 * np.maximum(adx - neck, 0) ** 1.3
+        + 0.3 * fm.power(np.maximum(adx - neck, 0), 1.3)
         + 0.3 * _smooth((adx - reach + 0.08) / 0.12)
     )
     shoulder_top = np.where(adx < neck, -1.0, shoulder_top)
@@ -70,7 +71,7 @@ def _base_frontal(c: _Ctx, rng: np.random.Generator) -> None:
     lung = _ramp(_lung_lat(g, Y) - adx, e) * _ramp(adx - _lung_med(g, Y), e * 1.5)
     lung = lung * _ramp(dia - Y, e)
     c.lung[:] = lung
-    prof_x = 0.7 + 0.3 * np.sin(np.pi * np.clip((adx - 0.5 * g.med_w) / g.W, 0, 1))
+    prof_x = 0.7 + 0.3 * fm.sin(np.pi * np.clip((adx - 0.5 * g.med_w) / g.W, 0, 1))
     prof_y = 0.55 + 0.45 * _smooth((Y - g.apex) / 0.18)
     c.air += g.air * lung * (prof_y * prof_x)
     if g.breast:
@@ -104,7 +105,7 @@ def _base_frontal(c: _Ctx, rng: np.random.Generator) -> None:
         kx
         - 0.3 * kr
         + g.aorta_shift * ramp_in
-        + g.aorta_wave * np.sin((ay - ky) / 0.22 * 2 * np.pi) * ramp_in
+        + g.aorta_wave * fm.sin((ay - ky) / 0.22 * 2 * np.pi) * ramp_in
     )
     _polyline(c, [(c.occ, 1.0), (c.dens, 0.05)], np.stack([ax, ay], 1), 0.036, 0.5, blur=0.003)
     tx, carina = g.cx - 0.004, g.hila[0][1] - 0.08  # trachea and main bronchi: air columns
@@ -149,7 +150,7 @@ def _heart(c: _Ctx, hx: float, hy: float, hrx: float, hry: float, tilt: float) -
     ca, sa = math.cos(math.radians(tilt)), math.sin(math.radians(tilt))
     dx, dy = X - hx, Y - hy
     q = ((dx * ca + dy * sa) / hrx) ** 2 + ((dy * ca - dx * sa) / hry) ** 2
-    val = np.sqrt(np.clip(1.0 - q, 0, 1)) ** 0.5
+    val = fm.power(np.sqrt(np.clip(1.0 - q, 0, 1)), 0.5)
     c.occ[rs, cs] += val
     c.dens[rs, cs] += 0.06 * val * _smooth((_dia(g, X) + 0.01 - Y) / 0.04)
 
@@ -180,8 +181,8 @@ def _spine_frontal(c: _Ctx) -> None:
     f = v - np.floor(v)
     disc = _smooth((np.abs(f - 0.5) * 2 - 0.72) / 0.28)  # 1 in the disc spaces
     body = _ramp(hw - ad, _edge(c, 0.004)) * (1 - 0.6 * disc)
-    ped = np.exp(-(((ad - 0.75 * hw) / 0.008) ** 2) - ((f - 0.35) / 0.16) ** 2)
-    spin = np.exp(-((d / 0.006) ** 2) - ((f - 0.8) / 0.18) ** 2)
+    ped = fm.exp(-(((ad - 0.75 * hw) / 0.008) ** 2) - ((f - 0.35) / 0.16) ** 2)
+    spin = fm.exp(-((d / 0.006) ** 2) - ((f - 0.8) / 0.18) ** 2)
     fade = 1 - 0.5 * _smooth((Y - g.dia_r) / 0.2)
     c.bone[rs, cs] += (0.045 * body + 0.035 * ped + 0.025 * spin) * fade
     # paraspinal soft tissue: hidden in the mediastinum unless the spine curves out of it
@@ -218,7 +219,7 @@ def _clavicles(c: _Ctx) -> None:
     for s in (-1, 1):
         t = np.linspace(0, 1, 14)
         x = g.cx + s * (0.03 + t * (g.W + 0.03))
-        y = g.clav_y + 0.025 - 0.055 * t + 0.012 * np.sin(2 * np.pi * t)
+        y = g.clav_y + 0.025 - 0.055 * t + 0.012 * fm.sin(2 * np.pi * t)
         pts = np.stack([x, y], 1)
         if s != g.clav_side:
             parts.append((pts, 0.026))
@@ -339,6 +340,6 @@ def _spine_lateral(c: _Ctx) -> None:
     if g.compress >= 0:
         h = np.where(k == g.compress, h - g.compress_depth * np.clip(0.5 - d / (2 * hw), 0, 1), h)
     body = _ramp(hw - np.abs(d), _edge(c, 0.004)) * _ramp(h / 2 - np.abs(f - h / 2), 0.08)
-    post = np.exp(-(((d - 0.065) / 0.016) ** 2) - ((f - 0.45) / 0.3) ** 2)
+    post = fm.exp(-(((d - 0.065) / 0.016) ** 2) - ((f - 0.45) / 0.3) ** 2)
     fade = 1 - 0.35 * _smooth((Y - g.apex - 0.1) / 0.5)  # lower spine looks darker
     c.bone[rs, cs] += (0.1 * body + 0.04 * post) * fade

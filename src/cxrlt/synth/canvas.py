@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
+from cxrlt.synth import fmath as fm
 from cxrlt.synth.anatomy import (
     _dia,
     _dia_side,
@@ -112,7 +113,7 @@ def _bank(h: int, w: int) -> _Bank:
             rng.standard_normal((th, tw)).astype(np.float32), max(2.6 * scale, 0.9)
         )
         b /= b.std()
-        nets.append(np.exp(-((b / 0.35) ** 2)).astype(np.float32))  # zero-crossing net
+        nets.append(fm.exp(-((b / 0.35) ** 2)).astype(np.float32))  # zero-crossing net
     noise = tuple(
         rng.standard_normal((h + h // 4, w + w // 4)).astype(np.float32) for _ in range(3)
     )
@@ -402,12 +403,12 @@ def _blob_pts(
     th = np.linspace(0, 2 * np.pi, n, endpoint=False)
     rad = np.ones(n)
     for k in (2, 3, 5):
-        rad += lobes / math.sqrt(k) * np.cos(k * th + c.u(0, 2 * np.pi))
+        rad += lobes / math.sqrt(k) * fm.cos(k * th + c.u(0, 2 * np.pi))
     if spikes:
         idx = c.rng.choice(n, size=spikes, replace=False)
         rad[idx] += c.rng.uniform(0.5, 1.1, size=spikes)
     rad = np.maximum(rad, 0.3) * r
-    return np.stack([cx + rad * np.cos(th) * aspect * c.h / c.w, cy + rad * np.sin(th)], axis=1)
+    return np.stack([cx + rad * fm.cos(th) * aspect * c.h / c.w, cy + rad * fm.sin(th)], axis=1)
 
 
 def _blob(

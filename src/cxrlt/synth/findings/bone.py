@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 
+from cxrlt.synth import fmath as fm
 from cxrlt.synth.anatomy import _RIB_AMP, _RIB_FRAC, _Geo, _rib_point, _spine_x
 from cxrlt.synth.canvas import _Ctx, _edge, _ellipse, _polyline, _ramp, _rib_band, _win
 
@@ -26,7 +27,7 @@ def _break_rib(
     old = _rib_band(c, X, Y, k)
     lateral = _ramp(side * (X - xb), _edge(c, 0.002))
     new = _rib_band(c, X, Y, k, shift=step) * lateral + old * (1 - lateral)
-    cleft = np.exp(-(((X - xb + (Y - yb) * c.u(-0.5, 0.5)) / max(gap, 1.2 / c.w)) ** 2))
+    cleft = fm.exp(-(((X - xb + (Y - yb) * c.u(-0.5, 0.5)) / max(gap, 1.2 / c.w)) ** 2))
     cleft *= min(gap / 0.002, 1.0)  # no gap, no cleft
     c.bone[rs, cs] += _RIB_AMP * (amp * new * (1 - cleft) - old)
 

@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 
+from cxrlt.synth import fmath as fm
 from cxrlt.synth.anatomy import _Geo
 from cxrlt.synth.canvas import _Ctx, _dots, _edge, _ellipse, _polyline, _ramp, _ring, _smooth, _win
 
@@ -67,7 +68,7 @@ def aortic_calcification(c: _Ctx) -> None:
         kx, ky, r = kx + 0.03, ky + 0.06, 0.075
         a0, a1 = c.u(-2.7, -2.3), c.u(-1.0, -0.5)
     th = np.linspace(a0, a1, 10)
-    pts = np.stack([kx + r * np.cos(th), ky + r * np.sin(th)], 1)
+    pts = np.stack([kx + r * fm.cos(th), ky + r * fm.sin(th)], 1)
     _polyline(c, c.dens, pts, c.u(0.005, 0.009), amp, blur=0.0015)
 
 

@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 
+from cxrlt.synth import fmath as fm
 from cxrlt.synth.anatomy import _dia, _dia_side, _Geo, _lung_lat
 from cxrlt.synth.canvas import (
     _blob,
@@ -357,7 +358,7 @@ def azygos_lobe(c: _Ctx) -> None:
     x_top, y_top = g.cx - c.u(0.35, 0.55) * g.W, g.apex + 0.005
     x_bot, y_bot = g.cx - g.med_w - 0.008, g.apex + c.u(0.13, 0.17)
     t = np.linspace(0, 1, 10)
-    xs = x_top + (x_bot - x_top) * t - c.u(0.01, 0.025) * np.sin(np.pi * t)
+    xs = x_top + (x_bot - x_top) * t - c.u(0.01, 0.025) * fm.sin(np.pi * t)
     ys = y_top + (y_bot - y_top) * t
     # drawn wide enough to survive downsampling: the fissure is four pleural layers thick
     _polyline(c, c.occ, np.stack([xs, ys], 1), c.u(0.011, 0.015), amp, blur=0.002)

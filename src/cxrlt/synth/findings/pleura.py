@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 
+from cxrlt.synth import fmath as fm
 from cxrlt.synth.anatomy import _dia, _dia_side, _Geo, _lung_lat
 from cxrlt.synth.canvas import (
     _Ctx,
@@ -68,7 +69,7 @@ def _wall_band(
 ) -> None:
     """A band along the inner chest wall between heights z0..z1 (fractions of lung height)."""
     outer, inner = [], []
-    for z, tp in zip(np.linspace(z0, z1, 12), np.sin(np.linspace(0, np.pi, 12)), strict=True):
+    for z, tp in zip(np.linspace(z0, z1, 12), fm.sin(np.linspace(0, np.pi, 12)), strict=True):
         x, y = _lung_xy(c, side, z, 1.0)
         outer.append((x + side * 0.004, y))
         inner.append((x - side * (thick * (0.3 + 0.7 * tp) + bulge * tp), y))
@@ -134,7 +135,7 @@ def _draw_ptx(c: _Ctx, side: int, depth: float, z_end: float, amp: float) -> _Wi
     collapsed = _Geo(view="frontal", apex=g.apex + depth, dia_r=g.dia_r, W=g.W, med_w=g.med_w)
     edge_x = np.minimum(_lung_lat(g, Y) - d, _lung_lat(collapsed, Y) - 0.4 * d)
     space = _ramp(adx - edge_x, _edge(c, 0.003)) * c.lung[rs, cs]
-    line = np.exp(-(((adx - edge_x) / _edge(c, 0.0025)) ** 2)) * (g.apex + 0.5 * depth < Y)
+    line = fm.exp(-(((adx - edge_x) / _edge(c, 0.0025)) ** 2)) * (g.apex + 0.5 * depth < Y)
     line = line * _ramp(y_end + 0.02 - Y, 0.03) * _ramp(edge_x - 0.05, 0.02)
     c.vessel[rs, cs] *= 1 - min(c.gain, 1.0) * space
     c.dens[rs, cs] += amp * (-0.07 * space + 0.1 * line)
@@ -185,7 +186,7 @@ def pneumomediastinum(c: _Ctx) -> None:
         return
     th = np.linspace(-1.3, 0.3, 10)
     off = c.u(0.006, 0.012)
-    pts = np.stack([hx + (hrx + off) * np.cos(th) * 0.95, hy + (hry + off) * np.sin(th)], 1)
+    pts = np.stack([hx + (hrx + off) * fm.cos(th) * 0.95, hy + (hry + off) * fm.sin(th)], 1)
     _polyline(c, c.dens, pts, 0.011, -amp, blur=0.002)
     _polyline(
         c,
@@ -223,7 +224,7 @@ def pneumoperitoneum(c: _Ctx) -> None:
     for side in [-1] if c.u(0, 1) < 0.65 else [-1, 1]:
         us = np.linspace(c.u(0.15, 0.3), c.u(0.75, 0.95), 14)
         xs = g.cx + side * us * g.W
-        thick = c.u(0.016, 0.03) * np.sin(np.linspace(0, np.pi, 14)) + 0.003
+        thick = c.u(0.016, 0.03) * fm.sin(np.linspace(0, np.pi, 14)) + 0.003
         top = _dia(g, xs) + 0.008
         pts = np.concatenate([np.stack([xs, top], 1), np.stack([xs, top + thick], 1)[::-1]])
         _polygon(c, c.dens, pts, -amp, blur=0.002)
