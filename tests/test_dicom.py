@@ -159,6 +159,24 @@ def test_changed_settings_or_code_redo_the_persisted_pngs(tmp_path: Path, monkey
     assert set(_modes(out).values()) == {"L"}
     assert convert_dicoms(paths, out, bits=8, workers=1, progress=False).skipped  # up to date
 
+    # A source rewritten with other pixels but the same size is converted again.
+    copy = tmp_path / "src" / "vlut_04.dcm"
+    copy.parent.mkdir()
+    copy.write_bytes(paths[1].read_bytes())
+    pair = [paths[0], copy]
+    convert_dicoms(pair, out, bits=8, workers=1, progress=False, compress_level=1)
+    before = np.asarray(Image.open(out / "vlut_04.png"))
+    ds = pydicom.dcmread(copy)
+    px = ds.pixel_array.copy()
+    px[0, 0] = px.max() if px[0, 0] != px.max() else px.min()
+    ds.PixelData = px.tobytes()
+    ds.save_as(copy)
+    assert copy.stat().st_size == paths[1].stat().st_size
+    redo = convert_dicoms(pair, out, bits=8, workers=1, progress=False, compress_level=1)
+    assert [Path(p).name for p in redo.converted] == ["vlut_04.png"]
+    assert not np.array_equal(before, np.asarray(Image.open(out / "vlut_04.png")))
+    convert_dicoms(paths, out, bits=8, workers=1, progress=False, compress_level=1)
+
     monkeypatch.setattr(dicom, "CODE_VERSION", "changed conversion code")
     again = convert_dicoms(paths, out, bits=8, workers=1, progress=False, compress_level=1)
     assert len(again.converted) == 2

@@ -112,12 +112,21 @@ class ConversionReport:
 
 
 def _record(src: str, bits: int) -> dict[str, object] | None:
-    """What a conversion of `src` now would be made from; None if the source is unreadable."""
+    """What a conversion of `src` now would be made from; None if the source is unreadable.
+
+    The source's content digest, not its size or time: a re-rendered DICOM of the same size
+    must not leave its old PNG "up to date", and times would differ between clones.
+    """
+    digest = hashlib.md5(usedforsecurity=False)
     try:
+        with open(src, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
         size = os.stat(src).st_size
     except OSError:
         return None
-    return {"source": src, "source_bytes": size, "bits": bits, "code": CODE_VERSION}
+    return {"source": src, "source_bytes": size, "source_md5": digest.hexdigest(),
+            "bits": bits, "code": CODE_VERSION}  # fmt: skip
 
 
 def read_provenance(out_dir: str | os.PathLike) -> dict[str, dict[str, object]]:
