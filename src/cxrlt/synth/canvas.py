@@ -113,7 +113,7 @@ def _bank(h: int, w: int) -> _Bank:
             rng.standard_normal((th, tw)).astype(np.float32), max(2.6 * scale, 0.9)
         )
         b /= b.std()
-        nets.append(fm.exp(-((b / 0.35) ** 2)).astype(np.float32))  # zero-crossing net
+        nets.append(fm.exp(-((b / 0.35) ** 2)))  # zero-crossing net (b is float32)
     noise = tuple(
         rng.standard_normal((h + h // 4, w + w // 4)).astype(np.float32) for _ in range(3)
     )

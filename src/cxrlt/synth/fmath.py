@@ -6,8 +6,8 @@ the renderer a last-bit difference turns into a one-grey-level difference in a f
 then a different JPEG, and the built-in dataset's hash in ``dvc.lock`` would change from one
 machine to the next. Evaluated in float64 and rounded to float32, every path gives the same
 float32 (the float64 paths differ by far less than a float32 step). Float64 inputs are passed
-through unchanged. ``tests/test_synth.py`` renders with NumPy's SIMD paths switched off and
-compares the bytes.
+through unchanged. ``tests/test_synth_render.py`` renders with NumPy's SIMD paths switched
+off and compares the bytes.
 """
 
 from __future__ import annotations
